@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs pkg's whole test suite on Debian 12: installs the system packages the
+# tests need, creates the unprivileged user that rootless tests run as (when
+# run as root), then runs lints and every test. This is the README's test
+# command and exactly what .ci/run runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# System packages the tests use (see README "Testing").
+packages=(util-linux passwd uidmap)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "test.sh: installing ${missing[*]}" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Rootless tests re-execute themselves as this user when the suite runs as root.
+test_user=${PKG_TEST_USER:-pkgtest}
+if [ "$(id -u)" = 0 ] && ! id "$test_user" >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/sh "$test_user"
+fi
+if [ "$(id -u)" = 0 ]; then
+    # The test user must reach the test binaries under target/.
+    d=$PWD
+    while [ "$d" != / ]; do
+        chmod o+x "$d" 2>/dev/null || true
+        d=$(dirname "$d")
+    done
+fi
+
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --locked --no-fail-fast
+else
+    cargo test --locked --no-fail-fast
+fi

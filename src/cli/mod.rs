@@ -1,0 +1,182 @@
+//! The command line: clap types, resolution of global settings, dispatch.
+//!
+//! Parse, then resolve, then run: [`Cli`] is what the user typed, [`Settings`]
+//! is what it means once the environment and defaults are applied, and each
+//! command is a function of its arguments and the settings. Reading the
+//! environment happens here and nowhere else in the crate.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+/// Declarative, daemonless packager for static, reproducible OCI images.
+#[derive(Debug, Parser)]
+#[command(name = "pkg", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Store directory [default: $XDG_DATA_HOME/pkg or ~/.local/share/pkg]
+    #[arg(long, global = true, env = "PKG_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Print less: only results and errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Print more about what pkg is doing (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// When to use colour in messages
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
+    pub color: ColorChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a shell completion script
+    Completions {
+        /// The shell to complete for
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Global settings once the environment and defaults are applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub store: PathBuf,
+    pub quiet: bool,
+    pub verbose: u8,
+    pub color: bool,
+    /// The working directory, against which relative arguments resolve.
+    pub cwd: PathBuf,
+    /// The `PATH` used to resolve declared tools.
+    pub path: Option<std::ffi::OsString>,
+}
+
+impl Settings {
+    fn resolve(global: &GlobalArgs) -> miette::Result<Self> {
+        use std::io::IsTerminal;
+        let cwd = std::env::current_dir()
+            .map_err(|e| miette::miette!("cannot read the current directory: {e}"))?;
+        let store = match &global.store {
+            Some(dir) => cwd.join(dir),
+            None => default_store(
+                std::env::var_os("XDG_DATA_HOME").map(PathBuf::from),
+                std::env::var_os("HOME").map(PathBuf::from),
+            )
+            .ok_or_else(|| {
+                miette::miette!(
+                    help = "pass --store DIR or set PKG_STORE",
+                    "cannot choose a store directory: neither XDG_DATA_HOME nor HOME is set"
+                )
+            })?,
+        };
+        let color = match global.color {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => {
+                std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+            }
+        };
+        Ok(Settings {
+            store,
+            quiet: global.quiet,
+            verbose: global.verbose,
+            color,
+            cwd,
+            path: std::env::var_os("PATH"),
+        })
+    }
+}
+
+/// `$XDG_DATA_HOME/pkg`, else `~/.local/share/pkg`.
+fn default_store(xdg_data_home: Option<PathBuf>, home: Option<PathBuf>) -> Option<PathBuf> {
+    xdg_data_home
+        .filter(|p| p.is_absolute())
+        .map(|p| p.join("pkg"))
+        .or_else(|| home.map(|h| h.join(".local/share/pkg")))
+}
+
+/// The process entry point: parse, resolve, run, report.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let color = cli.global.color;
+    let result = Settings::resolve(&cli.global).and_then(|settings| {
+        install_report_handler(settings.color);
+        run(cli.command, &settings)
+    });
+    match result {
+        Ok(code) => code,
+        Err(report) => {
+            if color == ColorChoice::Never {
+                install_report_handler(false);
+            }
+            eprintln!("{report:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn install_report_handler(color: bool) {
+    // A second install (tests, repeated calls) is refused by miette; the first wins.
+    let _ = miette::set_hook(Box::new(move |_| {
+        Box::new(miette::MietteHandlerOpts::new().color(color).unicode(color).build())
+    }));
+}
+
+fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
+    match command {
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "pkg", &mut out);
+            write_stdout(&out)
+        }
+    }
+}
+
+/// Writes a command's result to stdout; a closed pipe (`pkg graph | head`) is not an error.
+pub(crate) fn write_stdout(bytes: &[u8]) -> miette::Result<ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(miette::miette!("cannot write to standard output: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn store_defaults() {
+        let xdg = Some(PathBuf::from("/x"));
+        let home = Some(PathBuf::from("/h"));
+        assert_eq!(default_store(xdg.clone(), home.clone()), Some(PathBuf::from("/x/pkg")));
+        assert_eq!(default_store(None, home.clone()), Some(PathBuf::from("/h/.local/share/pkg")));
+        // XDG says relative values are invalid and must be ignored.
+        assert_eq!(
+            default_store(Some(PathBuf::from("rel")), home),
+            Some(PathBuf::from("/h/.local/share/pkg"))
+        );
+        assert_eq!(default_store(None, None), None);
+    }
+}

@@ -1,0 +1,4 @@
+//! pkg's integration tests: one binary, a module per command.
+
+mod common;
+mod rootless;
