@@ -155,3 +155,15 @@ macro_rules! rootless_test {
         }
     };
 }
+
+/// `insta::assert_snapshot!` with pkg's conventions: snapshots live in the
+/// top-level `snapshots/` directory, named after the test module and `$name`.
+/// Redact temp paths first (see [`TestContext::redact`]).
+#[macro_export]
+macro_rules! assert_snapshot {
+    ($name:expr, $value:expr) => {{
+        let mut settings = insta::Settings::clone_current();
+        settings.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/snapshots"));
+        settings.bind(|| insta::assert_snapshot!($name, $value));
+    }};
+}
