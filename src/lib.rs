@@ -9,4 +9,8 @@
 
 pub mod cli;
 pub mod digest;
+pub mod graph;
+pub mod key;
 pub mod platform;
+pub mod recipe;
+pub mod tool;

@@ -6,10 +6,16 @@
 //! environment happens here and nowhere else in the crate.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod graph;
+
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::graph::{BuildGraph, GraphError, Selection};
+use crate::platform::{Arch, Platform};
+use crate::recipe::Recipe;
 
 /// Declarative, daemonless packager for static, reproducible OCI images.
 #[derive(Debug, Parser)]
@@ -46,6 +52,8 @@ pub enum ColorChoice {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print the build graph of a recipe: images, packages and their dependencies
+    Graph(graph::GraphArgs),
     /// Print a shell completion script
     Completions {
         /// The shell to complete for
@@ -139,12 +147,54 @@ fn install_report_handler(color: bool) {
 
 fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
     match command {
+        Command::Graph(args) => graph::run(args, settings),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "pkg", &mut out);
             write_stdout(&out)
         }
     }
+}
+
+/// Loads the recipe a RECIPE argument names, relative to the working directory.
+/// Relative paths stay as the user spelt them (the process runs in `settings.cwd`),
+/// so diagnostics name files the way the user wrote them.
+pub(crate) fn load_recipe(path: &Path) -> miette::Result<Recipe> {
+    Ok(crate::recipe::load(path)?)
+}
+
+/// Plans the build graph, turning a bad `--image` into a report with help.
+pub(crate) fn plan(recipe: &Recipe, selection: &Selection) -> miette::Result<BuildGraph> {
+    BuildGraph::plan(recipe, selection).map_err(|e| match &e {
+        GraphError::UnknownImage { name, available } => {
+            let help = crate::recipe::did_you_mean(name, available.iter().map(String::as_str))
+                .unwrap_or_else(|| format!("images in this recipe: {}", available.join(", ")));
+            miette::miette!(help = help, "{e}")
+        }
+    })
+}
+
+/// The images and platforms a command works on.
+pub(crate) fn selection(images: Vec<String>, platforms: Vec<Platform>) -> Selection {
+    Selection {
+        images: (!images.is_empty()).then_some(images),
+        platforms,
+        default_platform: host_platform(),
+    }
+}
+
+/// The platform pkg itself was compiled for, the default target of builds.
+pub fn host_platform() -> Platform {
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => Arch::Arm64,
+        "arm" => Arch::Arm,
+        "x86" => Arch::I386,
+        "powerpc64" => Arch::Ppc64le,
+        "s390x" => Arch::S390x,
+        "riscv64" => Arch::Riscv64,
+        _ => Arch::Amd64,
+    };
+    Platform::linux(arch)
 }
 
 /// Writes a command's result to stdout; a closed pipe (`pkg graph | head`) is not an error.

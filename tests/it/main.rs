@@ -1,4 +1,5 @@
 //! pkg's integration tests: one binary, a module per command.
 
 mod common;
+mod recipe;
 mod rootless;
