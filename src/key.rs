@@ -16,9 +16,10 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::digest::Digest;
+use crate::graph::{BuildGraph, NodeId};
 use crate::platform::Platform;
-use crate::recipe::{Builder, Package};
-use crate::tool::ToolIdentity;
+use crate::recipe::{Builder, Package, Recipe};
+use crate::tool::{ToolError, ToolIdentity, ToolResolver};
 
 /// Version of the canonical encoding below.
 pub const KEY_FORMAT_VERSION: u32 = 1;
@@ -68,6 +69,55 @@ pub struct KeyInputs<'a> {
     /// Output tree digests of everything mounted for the build, by package name.
     pub build_inputs: BTreeMap<String, Digest>,
     pub tools: Vec<ToolIdentity>,
+}
+
+impl<'a> KeyInputs<'a> {
+    /// The inputs of `node`'s build, or `None` while the output of something it
+    /// mounts is not known yet (`output` answers for built nodes).
+    pub fn for_node(
+        recipe: &'a Recipe,
+        graph: &'a BuildGraph,
+        node: NodeId,
+        source: SourceIdentity,
+        output: impl Fn(NodeId) -> Option<Digest>,
+        tools: &dyn ToolResolver,
+    ) -> Result<Option<KeyInputs<'a>>, ToolError> {
+        let n = &graph.nodes[node];
+        let package = &recipe.packages[&n.package];
+        let mut build_inputs = BTreeMap::new();
+        for input in graph.build_inputs(node) {
+            let Some(digest) = output(input) else { return Ok(None) };
+            build_inputs.insert(graph.nodes[input].package.clone(), digest);
+        }
+        let tools = tool_names(package, &n.platform)
+            .iter()
+            .map(|name| tools.resolve(name))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(KeyInputs { package, platform: &n.platform, source, build_inputs, tools }))
+    }
+}
+
+/// The host programs a build of `package` for `platform` runs: the recipe's
+/// `tools` plus what its builder invokes. Sorted, each once.
+pub fn tool_names(package: &Package, platform: &Platform) -> Vec<String> {
+    let mut names: Vec<String> = package.tools.iter().map(|t| t.value.clone()).collect();
+    names.extend(builder_tools(&package.build.value, platform));
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// What each builder runs: cc uses musl-gcc for the build machine's own
+/// architecture and the cross `TRIPLE-gcc` otherwise.
+fn builder_tools(builder: &Builder, platform: &Platform) -> Vec<String> {
+    match builder {
+        Builder::Files { .. } => vec![],
+        Builder::Script { .. } => vec!["sh".into()],
+        Builder::Cc { .. } if platform.arch() == Platform::host().arch() => vec!["musl-gcc".into()],
+        Builder::Cc { .. } => vec![format!("{}-gcc", platform.gnu_triple())],
+        Builder::Go { .. } => vec!["go".into()],
+        Builder::Cargo { .. } => vec!["cargo".into(), "rustc".into()],
+    }
 }
 
 /// The canonical encoding's shape. Field order is part of the format.

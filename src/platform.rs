@@ -80,6 +80,21 @@ impl Platform {
         Platform { os: "linux".into(), arch: Arch::Amd64, variant: None }
     }
 
+    /// The platform this pkg binary was compiled for: the build machine's own,
+    /// and the default target. (A compile-time constant, not an environment read.)
+    pub fn host() -> Self {
+        let arch = match std::env::consts::ARCH {
+            "aarch64" => Arch::Arm64,
+            "arm" => Arch::Arm,
+            "x86" => Arch::I386,
+            "powerpc64" => Arch::Ppc64le,
+            "s390x" => Arch::S390x,
+            "riscv64" => Arch::Riscv64,
+            _ => Arch::Amd64,
+        };
+        Platform::linux(arch)
+    }
+
     /// The Linux platform of the given architecture, without variant.
     pub fn linux(arch: Arch) -> Self {
         Platform { os: "linux".into(), arch, variant: None }
@@ -129,7 +144,7 @@ pub enum ParsePlatformError {
     Shape,
     #[error("unsupported operating system `{0}`: pkg builds for `linux` only")]
     Os(String),
-    #[error("unknown architecture `{0}`")]
+    #[error("unknown architecture `{0}`{hint}", hint = arch_alias(.0).map(|a| format!(" (did you mean `{a}`?)")).unwrap_or_default())]
     Arch(String),
     #[error("architecture `{arch}` has no variant `{variant}`")]
     Variant { arch: &'static str, variant: String },
@@ -163,6 +178,18 @@ impl FromStr for Platform {
             });
         }
         Ok(Platform { os: os.to_string(), arch, variant: variant.map(str::to_string) })
+    }
+}
+
+/// The OCI spelling of an architecture commonly written its GNU or kernel way.
+pub fn arch_alias(arch: &str) -> Option<&'static str> {
+    match arch {
+        "x86_64" | "x86-64" | "x64" => Some("amd64"),
+        "aarch64" | "armv8" => Some("arm64"),
+        "armv7" | "armv7l" | "armhf" => Some("arm/v7"),
+        "armv6" | "armv6l" => Some("arm/v6"),
+        "i386" | "i686" | "x86" => Some("386"),
+        _ => None,
     }
 }
 

@@ -14,7 +14,7 @@ mod graph;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::graph::{BuildGraph, GraphError, Selection};
-use crate::platform::{Arch, Platform};
+use crate::platform::Platform;
 use crate::recipe::Recipe;
 
 /// Declarative, daemonless packager for static, reproducible OCI images.
@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
     /// Store directory [default: $XDG_DATA_HOME/pkg or ~/.local/share/pkg]
-    #[arg(long, global = true, env = "PKG_STORE", value_name = "DIR")]
+    #[arg(long, global = true, env = "PKG_STORE", hide_env_values = true, value_name = "DIR")]
     pub store: Option<PathBuf>,
     /// Print less: only results and errors
     #[arg(short, long, global = true, conflicts_with = "verbose")]
@@ -179,22 +179,8 @@ pub(crate) fn selection(images: Vec<String>, platforms: Vec<Platform>) -> Select
     Selection {
         images: (!images.is_empty()).then_some(images),
         platforms,
-        default_platform: host_platform(),
+        default_platform: Platform::host(),
     }
-}
-
-/// The platform pkg itself was compiled for, the default target of builds.
-pub fn host_platform() -> Platform {
-    let arch = match std::env::consts::ARCH {
-        "aarch64" => Arch::Arm64,
-        "arm" => Arch::Arm,
-        "x86" => Arch::I386,
-        "powerpc64" => Arch::Ppc64le,
-        "s390x" => Arch::S390x,
-        "riscv64" => Arch::Riscv64,
-        _ => Arch::Amd64,
-    };
-    Platform::linux(arch)
 }
 
 /// Writes a command's result to stdout; a closed pipe (`pkg graph | head`) is not an error.

@@ -8,14 +8,13 @@
 
 use std::collections::BTreeMap;
 
-use kdl::{KdlDocument, KdlEntry, KdlNode, KdlValue};
-use miette::SourceSpan;
+use super::ast::{self, Entry, Node, Range, Value};
 
 use super::diagnostic::{Issue, Problem, did_you_mean};
 use super::model::{
     Builder, Compression, FileId, Image, Install, Package, Port, Protocol, Source, Span, Spanned,
 };
-use crate::platform::{Platform, known_arch_names};
+use crate::platform::{Platform, arch_alias, known_arch_names};
 
 /// Everything one file declares.
 #[derive(Debug, Default)]
@@ -30,8 +29,12 @@ pub struct FileItems {
 /// Decodes `text` (the contents of file `file`), appending problems to `issues`.
 pub fn decode_file(file: FileId, text: &str, issues: &mut Vec<Issue>) -> FileItems {
     let mut decoder = Decoder { file, text, issues };
-    let document = match KdlDocument::parse_v2(text) {
-        Ok(document) => document,
+    let nodes = match super::fastkdl::parse(text) {
+        Some(nodes) => Ok(nodes),
+        None => kdl::KdlDocument::parse_v2(text).map(|document| ast::from_kdl(&document, text)),
+    };
+    let document = match nodes {
+        Ok(nodes) => nodes,
         Err(error) => {
             for d in error.diagnostics {
                 let message = d.message.unwrap_or_else(|| "invalid KDL".to_string());
@@ -40,7 +43,7 @@ pub fn decode_file(file: FileId, text: &str, issues: &mut Vec<Issue>) -> FileIte
                     "recipes are KDL v2: strings in double quotes, booleans as #true and #false"
                         .to_string()
                 });
-                let span = decoder.span(d.span);
+                let span = decoder.span(Range { offset: d.span.offset(), len: d.span.len() });
                 decoder.issues.push(Issue::new(Problem::Syntax(message), span, label).help(help));
             }
             return FileItems::default();
@@ -75,39 +78,28 @@ struct Decoder<'a> {
 }
 
 impl Decoder<'_> {
-    fn span(&self, span: SourceSpan) -> Span {
-        let offset = span.offset().min(self.text.len());
-        Span { file: self.file, offset, len: span.len().min(self.text.len() - offset) }
+    fn span(&self, span: Range) -> Span {
+        let offset = span.offset.min(self.text.len());
+        Span { file: self.file, offset, len: span.len.min(self.text.len() - offset) }
     }
 
-    fn node_span(&self, node: &KdlNode) -> Span {
-        self.span(node.name().span())
+    fn node_span(&self, node: &Node) -> Span {
+        self.span(node.name_span)
     }
 
     /// The span of an entry's value (for a property, without `key=`).
-    fn value_span(&self, entry: &KdlEntry) -> Span {
-        let span = self.span(entry.span());
-        if entry.name().is_none() {
-            return span;
-        }
-        let raw = &self.text[span.offset..span.offset + span.len];
-        match raw.find('=') {
-            Some(eq) => {
-                let skip = eq + 1 + (raw.len() - eq - 1 - raw[eq + 1..].trim_start().len());
-                Span { file: span.file, offset: span.offset + skip, len: span.len - skip }
-            }
-            None => span,
-        }
+    fn value_span(&self, entry: &Entry) -> Span {
+        self.span(entry.value_span)
     }
 
     fn report(&mut self, issue: Issue) {
         self.issues.push(issue);
     }
 
-    fn document(&mut self, document: &KdlDocument) -> FileItems {
+    fn document(&mut self, document: &[Node]) -> FileItems {
         let mut items = FileItems::default();
-        for node in document.nodes() {
-            match node.name().value() {
+        for node in document {
+            match node.name.as_str() {
                 "import" => {
                     self.check_options(node, &[], "`import`");
                     self.no_block(node);
@@ -143,7 +135,7 @@ impl Decoder<'_> {
     // ----- packages -----
 
     /// The package, or (when it has errors) its name if it has one.
-    fn package(&mut self, node: &KdlNode) -> Result<Package, Option<String>> {
+    fn package(&mut self, node: &Node) -> Result<Package, Option<String>> {
         self.check_options(node, &["version"], "`package`");
         let name = self.single_string(node, "package name");
         let version = self.string_option(node, "version").map(|v| v.value);
@@ -159,7 +151,7 @@ impl Decoder<'_> {
             None => "a package".to_string(),
         };
         for child in self.children(node, &PACKAGE_NODES, &context) {
-            let kind = child.name().value();
+            let kind = child.name.as_str();
             match kind {
                 "description" | "license" => {
                     self.check_options(child, &[], &format!("`{kind}`"));
@@ -229,7 +221,7 @@ impl Decoder<'_> {
         })
     }
 
-    fn source(&mut self, node: &KdlNode) -> Option<Spanned<Source>> {
+    fn source(&mut self, node: &Node) -> Option<Spanned<Source>> {
         self.check_options(node, &["path", "url", "sha256"], "`source`");
         self.no_args(node);
         let path = self.string_option(node, "path");
@@ -327,7 +319,7 @@ impl Decoder<'_> {
         }
     }
 
-    fn build(&mut self, node: &KdlNode) -> Option<Spanned<Builder>> {
+    fn build(&mut self, node: &Node) -> Option<Spanned<Builder>> {
         let span = self.node_span(node);
         let name = self.first_string(node, "builder name")?;
         let builder = match name.value.as_str() {
@@ -380,7 +372,7 @@ impl Decoder<'_> {
                     &["sources", "output", "cflags", "ldflags"],
                     "the `cc` builder",
                 ) {
-                    let kind = child.name().value();
+                    let kind = child.name.as_str();
                     self.check_options(child, &[], &format!("`{kind}`"));
                     self.no_block(child);
                     match kind {
@@ -415,7 +407,7 @@ impl Decoder<'_> {
                 let (mut output, mut ldflags, mut tags) = (None, None, Vec::new());
                 for child in self.children(node, &["output", "ldflags", "tags"], "the `go` builder")
                 {
-                    let kind = child.name().value();
+                    let kind = child.name.as_str();
                     self.check_options(child, &[], &format!("`{kind}`"));
                     self.no_block(child);
                     match kind {
@@ -466,8 +458,8 @@ impl Decoder<'_> {
 
     /// Problems already reported inside `node`'s text, to avoid piling a
     /// "missing" on top of a misspelt child.
-    fn issues_in(&self, node: &KdlNode) -> Vec<&Issue> {
-        let span = self.span(node.span());
+    fn issues_in(&self, node: &Node) -> Vec<&Issue> {
+        let span = self.span(node.span);
         self.issues
             .iter()
             .filter(|i| {
@@ -478,7 +470,7 @@ impl Decoder<'_> {
             .collect()
     }
 
-    fn install(&mut self, node: &KdlNode) -> Option<Install> {
+    fn install(&mut self, node: &Node) -> Option<Install> {
         self.check_options(node, &["mode"], "`install`");
         self.no_block(node);
         let args = self.strings(node, 2, "an install path");
@@ -523,7 +515,7 @@ impl Decoder<'_> {
         Some(Install { from: from.value, to: to.value, mode })
     }
 
-    fn output_path(&mut self, node: &KdlNode) -> Option<String> {
+    fn output_path(&mut self, node: &Node) -> Option<String> {
         let path = self.single_string(node, "an output path")?;
         if !path.value.starts_with('/') {
             self.invalid(
@@ -537,10 +529,10 @@ impl Decoder<'_> {
         Some(path.value)
     }
 
-    fn env(&mut self, node: &KdlNode, env: &mut BTreeMap<String, String>) {
+    fn env(&mut self, node: &Node, env: &mut BTreeMap<String, String>) {
         self.no_block(node);
-        for entry in node.entries() {
-            let Some(key) = entry.name() else {
+        for entry in &node.entries {
+            let Some((name, key_span)) = &entry.name else {
                 self.report(
                     Issue::new(
                         Problem::WrongType {
@@ -555,13 +547,13 @@ impl Decoder<'_> {
                 );
                 continue;
             };
-            let name = key.value();
+            let name = name.as_str();
             let valid_name = !name.is_empty()
                 && !name.starts_with(|c: char| c.is_ascii_digit())
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid_name {
                 self.invalid(
-                    self.span(key.span()),
+                    self.span(*key_span),
                     "environment variable name",
                     name,
                     "names are letters, digits and `_`, not starting with a digit",
@@ -576,7 +568,7 @@ impl Decoder<'_> {
 
     // ----- images -----
 
-    fn image(&mut self, node: &KdlNode) -> Option<Image> {
+    fn image(&mut self, node: &Node) -> Option<Image> {
         self.check_options(node, &[], "`image`");
         let name = self.single_string(node, "image name");
         let context = match &name {
@@ -599,7 +591,7 @@ impl Decoder<'_> {
         };
         let mut seen = Vec::new();
         for child in self.children(node, &IMAGE_NODES, &context) {
-            let kind = child.name().value();
+            let kind = child.name.as_str();
             if kind != "env" && kind != "label" {
                 if kind != "platform" {
                     self.check_options(child, &[], &format!("`{kind}`"));
@@ -700,10 +692,10 @@ impl Decoder<'_> {
                     }
                 }
                 "expose" => {
-                    for entry in child.entries().iter().filter(|e| e.name().is_none()) {
+                    for entry in child.entries.iter().filter(|e| e.name.is_none()) {
                         image.expose.extend(self.port(entry));
                     }
-                    if child.entries().is_empty() {
+                    if child.entries.is_empty() {
                         self.missing_value(child, "a port");
                     }
                 }
@@ -763,11 +755,11 @@ impl Decoder<'_> {
         Some(image)
     }
 
-    fn port(&mut self, entry: &KdlEntry) -> Option<Port> {
+    fn port(&mut self, entry: &Entry) -> Option<Port> {
         let span = self.value_span(entry);
-        let text = match entry.value() {
-            KdlValue::String(s) => s.clone(),
-            KdlValue::Integer(i) => i.to_string(),
+        let text = match &entry.value {
+            Value::String(s) => s.clone(),
+            Value::Integer(i) => i.to_string(),
             other => {
                 self.wrong_type(span, "a port", "a string like \"8080/tcp\"", other);
                 return None;
@@ -792,7 +784,7 @@ impl Decoder<'_> {
         }
     }
 
-    fn created(&mut self, node: &KdlNode) -> Option<i64> {
+    fn created(&mut self, node: &Node) -> Option<i64> {
         let entry = self.args(node).into_iter().next();
         let Some(entry) = entry else {
             self.missing_value(node, "a time");
@@ -800,9 +792,9 @@ impl Decoder<'_> {
         };
         self.extra_args(node, 1);
         let span = self.value_span(entry);
-        match entry.value() {
-            KdlValue::Integer(i) if *i >= 0 && *i <= i128::from(i64::MAX) => Some(*i as i64),
-            KdlValue::String(s) => match parse_rfc3339_utc(s) {
+        match &entry.value {
+            Value::Integer(i) if *i >= 0 && *i <= i128::from(i64::MAX) => Some(*i as i64),
+            Value::String(s) => match parse_rfc3339_utc(s) {
                 Some(t) => Some(t),
                 None => {
                     self.invalid(
@@ -829,16 +821,11 @@ impl Decoder<'_> {
     // ----- generic entry checks -----
 
     /// The children of `node` whose names are in `allowed`; others are reported.
-    fn children<'n>(
-        &mut self,
-        node: &'n KdlNode,
-        allowed: &[&str],
-        context: &str,
-    ) -> Vec<&'n KdlNode> {
-        let Some(children) = node.children() else { return Vec::new() };
+    fn children<'n>(&mut self, node: &'n Node, allowed: &[&str], context: &str) -> Vec<&'n Node> {
+        let Some(children) = &node.children else { return Vec::new() };
         let mut out = Vec::new();
-        for child in children.nodes() {
-            let name = child.name().value();
+        for child in children {
+            let name = child.name.as_str();
             if allowed.contains(&name) {
                 out.push(child);
             } else {
@@ -861,10 +848,10 @@ impl Decoder<'_> {
     }
 
     /// Reports properties of `node` not in `allowed`.
-    fn check_options(&mut self, node: &KdlNode, allowed: &[&str], context: &str) {
-        for entry in node.entries() {
-            let Some(key) = entry.name() else { continue };
-            let name = key.value();
+    fn check_options(&mut self, node: &Node, allowed: &[&str], context: &str) {
+        for entry in &node.entries {
+            let Some((name, key_span)) = &entry.name else { continue };
+            let name = name.as_str();
             if allowed.contains(&name) {
                 continue;
             }
@@ -878,7 +865,7 @@ impl Decoder<'_> {
             self.report(
                 Issue::new(
                     Problem::UnknownOption { name: name.to_string(), context: context.to_string() },
-                    self.span(key.span()),
+                    self.span(*key_span),
                     "unknown option",
                 )
                 .help(help),
@@ -886,9 +873,9 @@ impl Decoder<'_> {
         }
     }
 
-    fn no_block(&mut self, node: &KdlNode) {
-        if node.children().is_some() {
-            let name = node.name().value().to_string();
+    fn no_block(&mut self, node: &Node) {
+        if node.children.is_some() {
+            let name = node.name.as_str().to_string();
             self.report(
                 Issue::new(
                     Problem::UnexpectedBlock { node: name.clone() },
@@ -900,15 +887,15 @@ impl Decoder<'_> {
         }
     }
 
-    fn no_args(&mut self, node: &KdlNode) {
+    fn no_args(&mut self, node: &Node) {
         if let Some(extra) = self.args(node).first() {
             let span = self.span(extra.span());
             self.too_many(node, &span);
         }
     }
 
-    fn duplicate(&mut self, node: &KdlNode, context: &str) {
-        let name = node.name().value().to_string();
+    fn duplicate(&mut self, node: &Node, context: &str) {
+        let name = node.name.as_str().to_string();
         self.report(
             Issue::new(
                 Problem::DuplicateNode { node: name.clone(), context: context.to_string() },
@@ -919,27 +906,27 @@ impl Decoder<'_> {
         );
     }
 
-    fn args<'n>(&self, node: &'n KdlNode) -> Vec<&'n KdlEntry> {
-        node.entries().iter().filter(|e| e.name().is_none()).collect()
+    fn args<'n>(&self, node: &'n Node) -> Vec<&'n Entry> {
+        node.entries.iter().filter(|e| e.name.is_none()).collect()
     }
 
-    fn too_many(&mut self, node: &KdlNode, extra: &Span) {
-        let name = node.name().value().to_string();
+    fn too_many(&mut self, node: &Node, extra: &Span) {
+        let name = node.name.as_str().to_string();
         self.report(
             Issue::new(Problem::TooManyValues { node: name.clone() }, *extra, "unexpected value")
                 .help(format!("`{name}` takes {}", arity(&name))),
         );
     }
 
-    fn extra_args(&mut self, node: &KdlNode, max: usize) {
+    fn extra_args(&mut self, node: &Node, max: usize) {
         if let Some(extra) = self.args(node).get(max) {
             let span = self.span(extra.span());
             self.too_many(node, &span);
         }
     }
 
-    fn missing_value(&mut self, node: &KdlNode, what: &str) {
-        let name = node.name().value().to_string();
+    fn missing_value(&mut self, node: &Node, what: &str) {
+        let name = node.name.as_str().to_string();
         self.report(
             Issue::new(
                 Problem::Missing { what: format!("{what} after `{name}`") },
@@ -951,14 +938,14 @@ impl Decoder<'_> {
     }
 
     /// Exactly one string argument.
-    fn single_string(&mut self, node: &KdlNode, what: &str) -> Option<Spanned<String>> {
+    fn single_string(&mut self, node: &Node, what: &str) -> Option<Spanned<String>> {
         let value = self.first_string(node, what);
         self.extra_args(node, 1);
         value
     }
 
     /// The first argument, which must be a string; further arguments are the caller's business.
-    fn first_string(&mut self, node: &KdlNode, what: &str) -> Option<Spanned<String>> {
+    fn first_string(&mut self, node: &Node, what: &str) -> Option<Spanned<String>> {
         let Some(entry) = self.args(node).into_iter().next() else {
             self.missing_value(node, what);
             return None;
@@ -967,7 +954,7 @@ impl Decoder<'_> {
     }
 
     /// All arguments, each a string, at least `min` of them.
-    fn strings(&mut self, node: &KdlNode, min: usize, what: &str) -> Vec<Spanned<String>> {
+    fn strings(&mut self, node: &Node, min: usize, what: &str) -> Vec<Spanned<String>> {
         let args = self.args(node);
         if args.len() < min {
             self.missing_value(node, what);
@@ -975,17 +962,17 @@ impl Decoder<'_> {
         args.into_iter().filter_map(|e| self.expect_string(e, what)).collect()
     }
 
-    fn string_option(&mut self, node: &KdlNode, key: &str) -> Option<Spanned<String>> {
+    fn string_option(&mut self, node: &Node, key: &str) -> Option<Spanned<String>> {
         // KDL: the rightmost property of a name wins.
         let entry =
-            node.entries().iter().rev().find(|e| e.name().is_some_and(|n| n.value() == key))?;
+            node.entries.iter().rev().find(|e| e.name.as_ref().is_some_and(|(n, _)| n == key))?;
         self.expect_string(entry, &format!("`{key}`"))
     }
 
-    fn expect_string(&mut self, entry: &KdlEntry, what: &str) -> Option<Spanned<String>> {
+    fn expect_string(&mut self, entry: &Entry, what: &str) -> Option<Spanned<String>> {
         let span = self.value_span(entry);
-        match entry.value() {
-            KdlValue::String(s) => Some(Spanned::new(s.clone(), span)),
+        match &entry.value {
+            Value::String(s) => Some(Spanned::new(s.clone(), span)),
             other => {
                 self.wrong_type(span, what, "a string", other);
                 None
@@ -993,16 +980,16 @@ impl Decoder<'_> {
         }
     }
 
-    fn wrong_type(&mut self, span: Span, what: &str, expected: &'static str, found: &KdlValue) {
+    fn wrong_type(&mut self, span: Span, what: &str, expected: &'static str, found: &Value) {
         let found_name = type_name(found);
         let help = match found {
-            KdlValue::Integer(_) | KdlValue::Float(_) | KdlValue::Bool(_) | KdlValue::Null => {
+            Value::Integer(_) | Value::Float(_) | Value::Bool(_) | Value::Null => {
                 format!(
                     "put the value in quotes: \"{}\"",
                     self.text[span.offset..span.offset + span.len].trim_start_matches('#')
                 )
             }
-            KdlValue::String(_) => format!("expected {expected}"),
+            Value::String(_) => format!("expected {expected}"),
         };
         self.report(
             Issue::new(
@@ -1023,25 +1010,13 @@ impl Decoder<'_> {
     }
 }
 
-/// The OCI name of an architecture commonly written its GNU or kernel way.
-fn arch_alias(arch: &str) -> Option<&'static str> {
-    match arch {
-        "x86_64" | "x86-64" | "x64" => Some("amd64"),
-        "aarch64" | "armv8" => Some("arm64"),
-        "armv7" | "armv7l" | "armhf" => Some("arm/v7"),
-        "armv6" | "armv6l" => Some("arm/v6"),
-        "i386" | "i686" | "x86" => Some("386"),
-        _ => None,
-    }
-}
-
-fn type_name(value: &KdlValue) -> &'static str {
+fn type_name(value: &Value) -> &'static str {
     match value {
-        KdlValue::String(_) => "a string",
-        KdlValue::Integer(_) => "an integer",
-        KdlValue::Float(_) => "a number",
-        KdlValue::Bool(_) => "a boolean",
-        KdlValue::Null => "#null",
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Null => "#null",
     }
 }
 

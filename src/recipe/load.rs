@@ -21,7 +21,7 @@ pub fn recipe_file(path: &Path) -> PathBuf {
 /// Loads the recipe at `path` (a `.kdl` file or a directory holding `pkg.kdl`).
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
     let root = normalize(&recipe_file(path));
-    let text = std::fs::read_to_string(&root)
+    let text = read_recipe_file(&root)
         .map_err(|source| RecipeError::Read { path: root.clone(), source })?;
     let mut loader = Loader::default();
     loader.visit(root, text, &mut Vec::new());
@@ -76,7 +76,7 @@ impl Loader {
             if self.loaded.contains_key(&target_identity) {
                 continue;
             }
-            match std::fs::read_to_string(&target) {
+            match read_recipe_file(&target) {
                 Ok(text) => self.visit(target, text, stack),
                 Err(e) => {
                     let dir = path.parent().map(|p| p.display().to_string()).unwrap_or_default();
@@ -277,11 +277,34 @@ impl Loader {
     }
 }
 
+/// Recipes larger than this are refused rather than read into memory.
+const MAX_RECIPE_BYTES: u64 = 16 << 20;
+
+/// Reads a recipe file, refusing what is not a regular file (a FIFO or
+/// `/dev/zero` would hang or exhaust memory) and files over [`MAX_RECIPE_BYTES`].
+fn read_recipe_file(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(Error::new(ErrorKind::IsADirectory, "it is a directory"));
+    }
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if meta.len() > MAX_RECIPE_BYTES {
+        return Err(Error::new(ErrorKind::InvalidData, "larger than 16 MiB"));
+    }
+    let mut text = String::new();
+    file.take(MAX_RECIPE_BYTES + 1).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn io_reason(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::NotFound => "no such file".to_string(),
         std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
-        _ if e.raw_os_error() == Some(21) => "it is a directory".to_string(),
+        std::io::ErrorKind::InvalidData if e.get_ref().is_none() => "not UTF-8 text".to_string(),
         _ => e.to_string(),
     }
 }

@@ -4,8 +4,10 @@
 //! [`RecipeError`] listing every problem as a miette diagnostic. The model
 //! ([`model`]) is independent of KDL; [`decode`] is the KDL adapter.
 
+mod ast;
 mod decode;
 mod diagnostic;
+mod fastkdl;
 mod load;
 mod model;
 

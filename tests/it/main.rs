@@ -1,5 +1,9 @@
 //! pkg's integration tests: one binary, a module per command.
 
+mod cli;
 mod common;
+mod fuzz;
+mod graph;
+mod keys;
 mod recipe;
 mod rootless;

@@ -1,0 +1,185 @@
+//! Build keys: every input changes the key, nothing else does, and the keys of
+//! a fixed recipe are pinned by a golden snapshot (a change in the canonical
+//! encoding must bump `KEY_FORMAT_VERSION` and update the snapshot knowingly).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use pkg::digest::Digest;
+use pkg::graph::{BuildGraph, Selection};
+use pkg::key::{BuildKey, KeyInputs, SourceIdentity};
+use pkg::platform::Platform;
+use pkg::recipe::{Recipe, load_str};
+use pkg::tool::{ToolError, ToolIdentity, ToolResolver};
+
+use crate::assert_snapshot;
+
+/// Tools with fixed identities, so keys do not depend on this machine.
+struct FixedTools {
+    salt: &'static str,
+}
+
+impl ToolResolver for FixedTools {
+    fn resolve(&self, name: &str) -> Result<ToolIdentity, ToolError> {
+        Ok(ToolIdentity {
+            name: name.to_string(),
+            path: PathBuf::from(format!("/usr/bin/{name}")),
+            digest: Digest::of(format!("{name}{}", self.salt).as_bytes()),
+            version: format!("{name} version 1.0"),
+        })
+    }
+}
+
+const RECIPE: &str = r#"
+package "app" version="1.0.0" {
+    description "an app"
+    license "MIT"
+    build "script" {
+        run "mkdir -p $out/usr/bin"
+        run "cp app $out/usr/bin/app"
+    }
+    env MODE="release"
+    depends "certs"
+    build-depends "zlib"
+    tools "make"
+}
+package "zlib" version="1.3" { build "cc" { sources "zlib.c" } }
+package "certs" version="2024" { build "files" { install "ca.pem" "/etc/ssl/ca.pem" mode="0644" } }
+image "app" { contents "app"; platforms "linux/amd64" "linux/arm64" }
+"#;
+
+/// Keys of every node, computing each build's inputs from its dependencies'
+/// outputs; a built package's output digest is derived from its key here.
+fn keys_with(
+    recipe: &Recipe,
+    source: impl Fn(&str) -> SourceIdentity,
+    output_salt: &str,
+    tools: &dyn ToolResolver,
+) -> BTreeMap<String, BuildKey> {
+    let graph = BuildGraph::plan(recipe, &Selection::all(Platform::linux_amd64())).unwrap();
+    let mut outputs: Vec<Option<Digest>> = vec![None; graph.nodes.len()];
+    let mut keys = BTreeMap::new();
+    for id in 0..graph.nodes.len() {
+        let node = &graph.nodes[id];
+        let inputs =
+            KeyInputs::for_node(recipe, &graph, id, source(&node.package), |n| outputs[n], tools)
+                .unwrap()
+                .expect("topological order makes every input known");
+        let key = BuildKey::compute(&inputs);
+        outputs[id] = Some(Digest::of(format!("{key}{output_salt}").as_bytes()));
+        keys.insert(format!("{} {}", node.package, node.platform), key);
+    }
+    keys
+}
+
+fn keys_of(text: &str) -> BTreeMap<String, BuildKey> {
+    let recipe = load_str(Path::new("pkg.kdl"), text).unwrap();
+    keys_with(
+        &recipe,
+        |p| SourceIdentity::Tree(Digest::of(p.as_bytes())),
+        "",
+        &FixedTools { salt: "" },
+    )
+}
+
+fn key(keys: &BTreeMap<String, BuildKey>, node: &str) -> BuildKey {
+    keys[node]
+}
+
+#[test]
+fn golden_keys() {
+    let keys = keys_of(RECIPE);
+    let text: String = keys.iter().map(|(node, key)| format!("{node} {key}\n")).collect();
+    assert_snapshot!("golden_keys", text);
+}
+
+#[test]
+fn builder_option_changes_key() {
+    let base = keys_of(RECIPE);
+    let changed = keys_of(&RECIPE.replace("cp app", "cp -p app"));
+    assert_ne!(key(&base, "app linux/amd64"), key(&changed, "app linux/amd64"));
+    assert_eq!(key(&base, "zlib linux/amd64"), key(&changed, "zlib linux/amd64"));
+}
+
+#[test]
+fn env_value_changes_key() {
+    let base = keys_of(RECIPE);
+    let changed = keys_of(&RECIPE.replace("MODE=\"release\"", "MODE=\"debug\""));
+    assert_ne!(key(&base, "app linux/amd64"), key(&changed, "app linux/amd64"));
+}
+
+#[test]
+fn version_and_name_change_key() {
+    let base = keys_of(RECIPE);
+    let changed = keys_of(&RECIPE.replace("version=\"1.3\"", "version=\"1.3.1\""));
+    assert_ne!(key(&base, "zlib linux/amd64"), key(&changed, "zlib linux/amd64"));
+}
+
+#[test]
+fn source_changes_key() {
+    let recipe = load_str(Path::new("pkg.kdl"), RECIPE).unwrap();
+    let tools = FixedTools { salt: "" };
+    let base = keys_with(&recipe, |p| SourceIdentity::Tree(Digest::of(p.as_bytes())), "", &tools);
+    let changed = keys_with(
+        &recipe,
+        |p| {
+            SourceIdentity::Tree(Digest::of(if p == "app" {
+                b"app, one byte changed"
+            } else {
+                p.as_bytes()
+            }))
+        },
+        "",
+        &tools,
+    );
+    assert_ne!(key(&base, "app linux/amd64"), key(&changed, "app linux/amd64"));
+    assert_eq!(key(&base, "zlib linux/amd64"), key(&changed, "zlib linux/amd64"));
+}
+
+#[test]
+fn build_dependency_output_changes_key() {
+    let recipe = load_str(Path::new("pkg.kdl"), RECIPE).unwrap();
+    let tools = FixedTools { salt: "" };
+    let source = |p: &str| SourceIdentity::Tree(Digest::of(p.as_bytes()));
+    let base = keys_with(&recipe, source, "", &tools);
+    // Same keys everywhere, but zlib's build produced different bytes.
+    let changed = keys_with(&recipe, source, "other output", &tools);
+    assert_eq!(key(&base, "zlib linux/amd64"), key(&changed, "zlib linux/amd64"));
+    assert_ne!(key(&base, "app linux/amd64"), key(&changed, "app linux/amd64"));
+    // A runtime-only dependency's output does not enter the key: certs is not mounted.
+    assert_eq!(key(&base, "certs linux/amd64"), key(&changed, "certs linux/amd64"));
+}
+
+#[test]
+fn platform_changes_key() {
+    let keys = keys_of(RECIPE);
+    assert_ne!(key(&keys, "app linux/amd64"), key(&keys, "app linux/arm64"));
+    assert_ne!(key(&keys, "certs linux/amd64"), key(&keys, "certs linux/arm64"));
+}
+
+#[test]
+fn tool_identity_changes_key() {
+    let recipe = load_str(Path::new("pkg.kdl"), RECIPE).unwrap();
+    let source = |p: &str| SourceIdentity::Tree(Digest::of(p.as_bytes()));
+    let base = keys_with(&recipe, source, "", &FixedTools { salt: "" });
+    let upgraded = keys_with(&recipe, source, "", &FixedTools { salt: "new binary" });
+    assert_ne!(key(&base, "app linux/amd64"), key(&upgraded, "app linux/amd64"));
+    // The files builder runs no tool.
+    assert_eq!(key(&base, "certs linux/amd64"), key(&upgraded, "certs linux/amd64"));
+}
+
+#[test]
+fn description_license_and_file_location_do_not_change_key() {
+    let base = keys_of(RECIPE);
+    let edited =
+        RECIPE.replace("an app", "a better description").replace("\"MIT\"", "\"Apache-2.0\"");
+    assert_eq!(base, keys_of(&edited));
+    let elsewhere = load_str(Path::new("/some/other/dir/recipe.kdl"), RECIPE).unwrap();
+    let moved = keys_with(
+        &elsewhere,
+        |p| SourceIdentity::Tree(Digest::of(p.as_bytes())),
+        "",
+        &FixedTools { salt: "" },
+    );
+    assert_eq!(base, moved);
+}
