@@ -1,0 +1,1 @@
+//! Unit tests of the sandbox plan with a recording Syscall double.
