@@ -128,7 +128,10 @@ pub struct CallerEnd {
 
 impl CallerEnd {
     pub fn new(to_launcher: OwnedFd, from_launcher: OwnedFd) -> Self {
-        CallerEnd { to_launcher: Some(File::from(to_launcher)), from_launcher: File::from(from_launcher) }
+        CallerEnd {
+            to_launcher: Some(File::from(to_launcher)),
+            from_launcher: File::from(from_launcher),
+        }
     }
 
     /// Tells the launcher its uid/gid maps are written, so it may go on.

@@ -127,7 +127,8 @@ fn run_helper(program: &Path, pid: i32, ranges: &[IdRange]) -> Result<(), IdMapE
     for r in ranges {
         cmd.args([r.inside.to_string(), r.outside.to_string(), r.count.to_string()]);
     }
-    let out = cmd.output().map_err(|source| IdMapError::Spawn { program: program.into(), source })?;
+    let out =
+        cmd.output().map_err(|source| IdMapError::Spawn { program: program.into(), source })?;
     if out.status.success() {
         Ok(())
     } else {
@@ -191,7 +192,14 @@ mod tests {
 
     #[test]
     fn subordinate_mapping_puts_caller_at_zero_and_range_above() {
-        let m = IdMapping::subordinate(1001, 1001, (100000, 65536), (100000, 65536), "u".into(), "g".into());
+        let m = IdMapping::subordinate(
+            1001,
+            1001,
+            (100000, 65536),
+            (100000, 65536),
+            "u".into(),
+            "g".into(),
+        );
         assert_eq!(map_lines(&m.uids), "0 1001 1\n1 100000 65536\n");
         assert!(m.allows_setgroups());
         assert!(!IdMapping::single(0, 0, 1, 1).allows_setgroups());

@@ -20,8 +20,14 @@ use super::plan::{ExecPlan, Plan, run_steps};
 use super::sys::{Forked, Syscall};
 
 /// Signals the launcher forwards to the workload.
-pub const FORWARDED: [Signal; 6] =
-    [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
+pub const FORWARDED: [Signal; 6] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
 
 /// The signals the launcher waits for: the forwarded ones and SIGCHLD. The
 /// caller blocks them before the clone, so none is lost before the launcher
@@ -99,7 +105,9 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
         Err(WorkloadFailure { step: LaunchStep::Exec, errno }) => {
             channel.report(sys, Report::ExecFailed { errno })
         }
-        Err(WorkloadFailure { step, errno }) => channel.report(sys, Report::SetupFailed { step, errno }),
+        Err(WorkloadFailure { step, errno }) => {
+            channel.report(sys, Report::SetupFailed { step, errno })
+        }
     }
     sys.close(exec_read);
 
@@ -146,7 +154,12 @@ pub fn exit_code(wait_status: c_int) -> c_int {
 }
 
 /// The workload between fork and exec. Never returns.
-pub fn workload_main(sys: &impl Syscall, exec: &ExecPlan, stdio: [Option<RawFd>; 3], report: RawFd) -> ! {
+pub fn workload_main(
+    sys: &impl Syscall,
+    exec: &ExecPlan,
+    stdio: [Option<RawFd>; 3],
+    report: RawFd,
+) -> ! {
     let failure = match prepare_workload(sys, exec, stdio) {
         Err(failure) => failure,
         Ok(()) => WorkloadFailure { step: LaunchStep::Exec, errno: exec_first(sys, exec) },
@@ -167,7 +180,8 @@ pub fn prepare_workload(
 ) -> Result<(), WorkloadFailure> {
     let fail = |step| move |errno| WorkloadFailure { step, errno };
     if let Some(creds) = exec.credentials {
-        sys.set_credentials(creds.uid, creds.gid, creds.drop_groups).map_err(fail(LaunchStep::SwitchUser))?;
+        sys.set_credentials(creds.uid, creds.gid, creds.drop_groups)
+            .map_err(fail(LaunchStep::SwitchUser))?;
     }
     for (target, source) in stdio.iter().enumerate() {
         if let Some(source) = source {

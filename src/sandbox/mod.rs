@@ -134,11 +134,17 @@ pub enum MountKind {
 
 impl Mount {
     pub fn bind_ro(source: impl Into<PathBuf>, target: impl Into<PathBuf>) -> Self {
-        Mount { target: target.into(), kind: MountKind::Bind { source: source.into(), read_only: true } }
+        Mount {
+            target: target.into(),
+            kind: MountKind::Bind { source: source.into(), read_only: true },
+        }
     }
 
     pub fn bind_rw(source: impl Into<PathBuf>, target: impl Into<PathBuf>) -> Self {
-        Mount { target: target.into(), kind: MountKind::Bind { source: source.into(), read_only: false } }
+        Mount {
+            target: target.into(),
+            kind: MountKind::Bind { source: source.into(), read_only: false },
+        }
     }
 
     pub fn tmpfs(target: impl Into<PathBuf>) -> Self {
@@ -157,13 +163,21 @@ pub struct Stdio {
 impl Stdio {
     /// The caller's streams (what `pkg run` passes through).
     pub fn inherit() -> Self {
-        Stdio { stdin: StdioSource::Inherit, stdout: StdioSource::Inherit, stderr: StdioSource::Inherit }
+        Stdio {
+            stdin: StdioSource::Inherit,
+            stdout: StdioSource::Inherit,
+            stderr: StdioSource::Inherit,
+        }
     }
 
     /// No input; stdout and stderr both to `log` (what builds use).
     pub fn log_to(log: OwnedFd) -> std::io::Result<Self> {
         let stderr = log.try_clone()?;
-        Ok(Stdio { stdin: StdioSource::Null, stdout: StdioSource::Fd(log), stderr: StdioSource::Fd(stderr) })
+        Ok(Stdio {
+            stdin: StdioSource::Null,
+            stdout: StdioSource::Fd(log),
+            stderr: StdioSource::Fd(stderr),
+        })
     }
 }
 
@@ -230,7 +244,9 @@ pub enum SandboxError {
     Stdio(#[source] std::io::Error),
     #[error("cannot create the handshake pipes")]
     Pipe(#[source] Errno),
-    #[error("cannot clone a process into new namespaces (are unprivileged user namespaces enabled?)")]
+    #[error(
+        "cannot clone a process into new namespaces (are unprivileged user namespaces enabled?)"
+    )]
     Clone(#[source] Errno),
     #[error("cannot write the id mapping of the sandbox")]
     IdMap(#[source] idmap::IdMapError),
@@ -301,7 +317,12 @@ impl Sandbox {
         self.start(spec, &plan, false)
     }
 
-    fn start(&self, spec: &SandboxSpec, plan: &Plan, setup_only: bool) -> Result<Running, SandboxError> {
+    fn start(
+        &self,
+        spec: &SandboxSpec,
+        plan: &Plan,
+        setup_only: bool,
+    ) -> Result<Running, SandboxError> {
         let sys = LinuxSyscall;
         let stdio = PreparedStdio::new(&spec.stdio).map_err(SandboxError::Stdio)?;
         let (launcher_read, caller_write) = sys.pipe().map_err(SandboxError::Pipe)?;
@@ -319,7 +340,8 @@ impl Sandbox {
         // Blocked before the clone so the launcher inherits the mask and no
         // forwarded signal or SIGCHLD is lost before it waits for them.
         let mut old_mask = nix::sys::signal::SigSet::empty();
-        sys.sigmask(SigmaskHow::SIG_BLOCK, &signals, Some(&mut old_mask)).map_err(SandboxError::Clone)?;
+        sys.sigmask(SigmaskHow::SIG_BLOCK, &signals, Some(&mut old_mask))
+            .map_err(SandboxError::Clone)?;
         let forked = sys.clone_process(plan.clone_flags);
         if let Ok(Forked::Child) = forked {
             launcher_main(&sys, &launch);
@@ -339,7 +361,8 @@ impl Sandbox {
         let mapped = idmap::write_id_maps(&self.proc_root, child.as_raw(), &spec.id_mapping)
             .map_err(SandboxError::IdMap)
             .and_then(|()| running.channel.ack_mapping().map_err(SandboxError::Handshake));
-        let report = mapped.and_then(|()| running.channel.wait_for_start().map_err(SandboxError::Handshake));
+        let report =
+            mapped.and_then(|()| running.channel.wait_for_start().map_err(SandboxError::Handshake));
         drop(stdio);
         let failure = match report {
             Ok(Report::Started) => return Ok(running),
@@ -348,7 +371,11 @@ impl Sandbox {
             }
             Ok(Report::ExecFailed { errno }) => SandboxError::Exec {
                 program: plan.exec.program.clone(),
-                failure: if errno == Errno::ENOENT { ExecFailure::NotFound } else { ExecFailure::CannotExecute },
+                failure: if errno == Errno::ENOENT {
+                    ExecFailure::NotFound
+                } else {
+                    ExecFailure::CannotExecute
+                },
                 source: errno,
             },
             Ok(Report::Exited { .. }) => SandboxError::Handshake(ChannelError::Garbled),
@@ -388,12 +415,16 @@ impl PreparedStdio {
         let prepare = |source: &StdioSource| -> std::io::Result<Option<OwnedFd>> {
             Ok(match source {
                 StdioSource::Inherit => None,
-                StdioSource::Null => Some(OwnedFd::from(File::options().read(true).write(true).open("/dev/null")?)),
+                StdioSource::Null => {
+                    Some(OwnedFd::from(File::options().read(true).write(true).open("/dev/null")?))
+                }
                 // try_clone duplicates with F_DUPFD_CLOEXEC from 3 up.
                 StdioSource::Fd(fd) => Some(fd.try_clone()?),
             })
         };
-        Ok(PreparedStdio { fds: [prepare(&stdio.stdin)?, prepare(&stdio.stdout)?, prepare(&stdio.stderr)?] })
+        Ok(PreparedStdio {
+            fds: [prepare(&stdio.stdin)?, prepare(&stdio.stdout)?, prepare(&stdio.stderr)?],
+        })
     }
 
     fn raw(&self) -> [Option<std::os::fd::RawFd>; 3] {

@@ -167,7 +167,8 @@ pub struct Plan {
 }
 
 fn cstring(bytes: &[u8], what: &str) -> Result<CString, SandboxError> {
-    CString::new(bytes).map_err(|_| SandboxError::InvalidSpec(format!("{what} contains a NUL byte")))
+    CString::new(bytes)
+        .map_err(|_| SandboxError::InvalidSpec(format!("{what} contains a NUL byte")))
 }
 
 fn path_cstring(path: &Path) -> Result<CString, SandboxError> {
@@ -212,10 +213,17 @@ fn host_path(path: &Path, what: &str) -> Result<CString, SandboxError> {
 
 struct Builder {
     steps: Vec<Step>,
+    /// Directories already created, so shared parents are created once.
+    made: std::collections::HashSet<CString>,
 }
 
 impl Builder {
     fn push(&mut self, step: Step) {
+        if let Step::Mkdir(path) = &step
+            && !self.made.insert(path.clone())
+        {
+            return;
+        }
         self.steps.push(step);
     }
 
@@ -256,7 +264,7 @@ impl Plan {
         spec: &SandboxSpec,
         source_kind: &dyn Fn(&Path) -> std::io::Result<SourceKind>,
     ) -> Result<Plan, SandboxError> {
-        let mut b = Builder { steps: Vec::new() };
+        let mut b = Builder { steps: Vec::new(), made: Default::default() };
         let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
 
         // Predictable modes for what the setup creates; the spec's umask is set last.
@@ -268,7 +276,13 @@ impl Plan {
             flags: MsFlags::MS_REC | MsFlags::MS_PRIVATE,
             data: None,
         });
-        b.mount("tmpfs", CString::new(STAGING).expect("static"), "tmpfs", nosuid_nodev, "mode=0755");
+        b.mount(
+            "tmpfs",
+            CString::new(STAGING).expect("static"),
+            "tmpfs",
+            nosuid_nodev,
+            "mode=0755",
+        );
         b.push(Step::Chdir(CString::new(STAGING).expect("static")));
         b.mkdir(&format!("{STAGING}{OLD_ROOT}"));
         b.mkdir(&format!("{STAGING}{NEW_ROOT}"));
@@ -283,7 +297,9 @@ impl Plan {
             RootFs::Tmpfs => b.mount("tmpfs", new_root, "tmpfs", nosuid_nodev, "mode=0755"),
             RootFs::Overlay { layers } => {
                 if layers.is_empty() {
-                    return Err(SandboxError::InvalidSpec("an overlay root needs at least one layer".into()));
+                    return Err(SandboxError::InvalidSpec(
+                        "an overlay root needs at least one layer".into(),
+                    ));
                 }
                 // Short staging paths keep the option string well under the
                 // kernel's one-page limit and free of `:` and `,` from host paths.
@@ -302,7 +318,8 @@ impl Plan {
                 b.mkdir("/upper");
                 b.mkdir("/work");
                 // overlayfs lists the topmost layer first; OCI lists the base first.
-                let lower: Vec<String> = (0..layers.len()).rev().map(|i| format!("/layers/{i}")).collect();
+                let lower: Vec<String> =
+                    (0..layers.len()).rev().map(|i| format!("/layers/{i}")).collect();
                 let data = format!("lowerdir={},upperdir=/upper,workdir=/work", lower.join(":"));
                 b.mount("overlay", new_root, "overlay", nosuid_nodev, &data);
             }
@@ -314,7 +331,8 @@ impl Plan {
         let dev = b.mount_point(&[OsStr::new("dev")], SourceKind::Directory)?;
         b.mount("tmpfs", dev, "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "mode=0755");
         for device in DEVICES {
-            let target = b.mount_point(&[OsStr::new("dev"), OsStr::new(device)], SourceKind::File)?;
+            let target =
+                b.mount_point(&[OsStr::new("dev"), OsStr::new(device)], SourceKind::File)?;
             b.push(Step::Mount {
                 source: Some(CString::new(format!("{OLD_ROOT}/dev/{device}")).expect("static")),
                 target,
@@ -324,7 +342,13 @@ impl Plan {
             });
         }
         let pts = b.mount_point(&[OsStr::new("dev"), OsStr::new("pts")], SourceKind::Directory)?;
-        b.mount("devpts", pts, "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
+        b.mount(
+            "devpts",
+            pts,
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        );
         let shm = b.mount_point(&[OsStr::new("dev"), OsStr::new("shm")], SourceKind::Directory)?;
         b.mount("tmpfs", shm, "tmpfs", nosuid_nodev | MsFlags::MS_NOEXEC, "mode=1777");
         for (link, target) in [
@@ -416,7 +440,9 @@ fn exec_plan(spec: &SandboxSpec) -> Result<ExecPlan, SandboxError> {
     let mut path_var = None;
     for (key, value) in &spec.env {
         if key.is_empty() || key.contains('=') {
-            return Err(SandboxError::InvalidSpec(format!("invalid environment variable name `{key}`")));
+            return Err(SandboxError::InvalidSpec(format!(
+                "invalid environment variable name `{key}`"
+            )));
         }
         if key == "PATH" {
             path_var = Some(value.as_str());
@@ -438,7 +464,8 @@ fn exec_plan(spec: &SandboxSpec) -> Result<ExecPlan, SandboxError> {
             })
             .collect::<Result<_, _>>()?
     };
-    let argv = spec.argv.iter().map(|a| cstring(a.as_bytes(), "argument")).collect::<Result<_, _>>()?;
+    let argv =
+        spec.argv.iter().map(|a| cstring(a.as_bytes(), "argument")).collect::<Result<_, _>>()?;
     let credentials = spec.user.map(|(uid, gid)| Credentials {
         uid,
         gid,

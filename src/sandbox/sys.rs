@@ -158,7 +158,8 @@ impl Syscall for LinuxSyscall {
     }
 
     fn set_read_only(&self, target: &CStr) -> SysResult<()> {
-        let attr = MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+        let attr =
+            MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
         // SAFETY: `target` is a valid NUL-terminated string and `attr` a
         // properly laid out `struct mount_attr` whose size we pass; the kernel
         // only reads both during the call.
@@ -276,7 +277,11 @@ impl Syscall for LinuxSyscall {
         // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it only
         // sets a flag on descriptors.
         check(unsafe {
-            libc::close_range(first as libc::c_uint, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as c_int)
+            libc::close_range(
+                first as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as c_int,
+            )
         })
     }
 

@@ -189,7 +189,10 @@ fn fake_kinds(path: &Path) -> std::io::Result<SourceKind> {
 }
 
 fn build_spec() -> SandboxSpec {
-    let mut spec = SandboxSpec::new(IdMapping::single(0, 0, 1000, 1000), vec!["sh".into(), "-c".into(), "make".into()]);
+    let mut spec = SandboxSpec::new(
+        IdMapping::single(0, 0, 1000, 1000),
+        vec!["sh".into(), "-c".into(), "make".into()],
+    );
     spec.mounts = vec![
         Mount::bind_rw("/home/u/out", "/out"),
         Mount::tmpfs("/tmp"),
@@ -254,7 +257,10 @@ fn binds_read_host_paths_through_the_old_root_and_read_only_ones_are_sealed() {
     // A file source gets a file mount point, its parents directories.
     let etc = sys.position("mkdir /newroot/etc 755");
     assert!(etc < sys.position("touch /newroot/etc/resolv.conf"));
-    assert!(sys.position("touch /newroot/etc/resolv.conf") < sys.position("mount /oldroot/etc/resolv.conf"));
+    assert!(
+        sys.position("touch /newroot/etc/resolv.conf")
+            < sys.position("mount /oldroot/etc/resolv.conf")
+    );
 }
 
 #[test]
@@ -264,7 +270,8 @@ fn proc_and_dev_are_fresh() {
     sys.position("mount tmpfs /newroot/dev tmpfs MS_NOSUID | MS_NOEXEC mode=0755");
     for device in ["null", "zero", "full", "random", "urandom", "tty"] {
         let touch = sys.position(&format!("touch /newroot/dev/{device}"));
-        let bind = sys.position(&format!("mount /oldroot/dev/{device} /newroot/dev/{device} - MS_BIND -"));
+        let bind =
+            sys.position(&format!("mount /oldroot/dev/{device} /newroot/dev/{device} - MS_BIND -"));
         assert!(touch < bind);
     }
     sys.position("mount devpts /newroot/dev/pts devpts MS_NOSUID | MS_NOEXEC newinstance,");
@@ -339,7 +346,9 @@ fn invalid_specs_are_refused_before_anything_runs() {
     assert!(refuse(&|s| s.argv.clear()).contains("empty"));
     assert!(refuse(&|s| s.env.push(("A=B".into(), "c".into()))).contains("`A=B`"));
     assert!(refuse(&|s| s.env.push(("A".into(), "c\0".into()))).contains("NUL"));
-    assert!(refuse(&|s| s.root = RootFs::Overlay { layers: vec![] }).contains("at least one layer"));
+    assert!(
+        refuse(&|s| s.root = RootFs::Overlay { layers: vec![] }).contains("at least one layer")
+    );
 }
 
 #[test]
@@ -378,7 +387,13 @@ fn workload_switches_user_then_redirects_stdio_then_resets_signals() {
     launcher::prepare_workload(&sys, &p.exec, [Some(10), None, Some(12)]).unwrap();
     assert_eq!(
         sys.calls(),
-        ["credentials 65532:65532 drop_groups=false", "dup2 10 0", "dup2 12 2", "cloexec_from 3", "reset_signals"]
+        [
+            "credentials 65532:65532 drop_groups=false",
+            "dup2 10 0",
+            "dup2 12 2",
+            "cloexec_from 3",
+            "reset_signals"
+        ]
     );
 }
 
@@ -435,7 +450,10 @@ fn launcher_reports_a_failed_step_and_stops() {
     assert_eq!(run_launcher(&sys, &p), 125);
     let index = p.steps.iter().position(|s| matches!(s, Step::PivotRoot { .. })).unwrap() as u8;
     let calls = sys.calls();
-    assert_eq!(calls[calls.len() - 2], format!("write 101 [2, 0, 0, 0, {index}, 0, 0, 0, 1, 0, 0, 0]"));
+    assert_eq!(
+        calls[calls.len() - 2],
+        format!("write 101 [2, 0, 0, 0, {index}, 0, 0, 0, 1, 0, 0, 0]")
+    );
     assert!(!calls.iter().any(|c| c.starts_with("clone")));
 }
 
