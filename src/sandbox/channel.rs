@@ -38,6 +38,7 @@ pub enum LaunchStep {
     RedirectStdio,
     ResetSignals,
     Exec,
+    NewSession,
 }
 
 impl LaunchStep {
@@ -50,6 +51,7 @@ impl LaunchStep {
             LaunchStep::RedirectStdio => 0x8000_0003,
             LaunchStep::ResetSignals => 0x8000_0004,
             LaunchStep::Exec => 0x8000_0005,
+            LaunchStep::NewSession => 0x8000_0006,
         }
     }
 
@@ -61,6 +63,7 @@ impl LaunchStep {
             0x8000_0003 => LaunchStep::RedirectStdio,
             0x8000_0004 => LaunchStep::ResetSignals,
             0x8000_0005 => LaunchStep::Exec,
+            0x8000_0006 => LaunchStep::NewSession,
             i if i < 0x8000_0000 => LaunchStep::Plan(i),
             _ => return None,
         })

@@ -111,23 +111,35 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     }
     sys.close(exec_read);
 
-    let status = supervise(sys, workload, launch.signals);
+    let status = supervise(sys, workload, launch.signals, launch.plan.exec.new_session);
     channel.report(sys, Report::Exited { wait_status: status });
     sys.exit(exit_code(status))
 }
 
 /// PID 1's loop: forwards signals to `workload`, reaps every child (orphans
 /// reparented to PID 1 included) and returns the workload's wait status.
-pub fn supervise(sys: &impl Syscall, workload: Pid, signals: &SigSet) -> c_int {
+///
+/// A signal the kernel generated (the terminal's SIGINT or SIGQUIT goes to
+/// the whole foreground process group) already reached a workload that
+/// shares the launcher's session; it is forwarded only to a workload in its
+/// own session (`workload_has_own_session`), so it arrives exactly once.
+pub fn supervise(
+    sys: &impl Syscall,
+    workload: Pid,
+    signals: &SigSet,
+    workload_has_own_session: bool,
+) -> c_int {
     loop {
-        let signal = match sys.wait_signal(signals) {
-            Ok(signal) => signal,
+        let received = match sys.wait_signal(signals) {
+            Ok(received) => received,
             // Cannot happen with a valid set; do not spin, report a failure.
             Err(_) => return SETUP_FAILED << 8,
         };
-        if signal != Signal::SIGCHLD as c_int {
-            // The workload may already be gone; nothing to do then.
-            let _ = sys.kill(workload, signal);
+        if received.signal != Signal::SIGCHLD as c_int {
+            if workload_has_own_session || !received.from_kernel {
+                // The workload may already be gone; nothing to do then.
+                let _ = sys.kill(workload, received.signal);
+            }
             continue;
         }
         let mut workload_status = None;
@@ -179,6 +191,9 @@ pub fn prepare_workload(
     stdio: [Option<RawFd>; 3],
 ) -> Result<(), WorkloadFailure> {
     let fail = |step| move |errno| WorkloadFailure { step, errno };
+    if exec.new_session {
+        sys.new_session().map_err(fail(LaunchStep::NewSession))?;
+    }
     if let Some(creds) = exec.credentials {
         sys.set_credentials(creds.uid, creds.gid, creds.drop_groups)
             .map_err(fail(LaunchStep::SwitchUser))?;

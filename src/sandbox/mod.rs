@@ -74,6 +74,10 @@ pub struct SandboxSpec {
     pub argv: Vec<OsString>,
     pub stdio: Stdio,
     pub umask: u32,
+    /// Run the workload in a new session without a controlling terminal
+    /// (builds). `false` keeps the caller's session and process group, so a
+    /// terminal passes through with job control (`pkg run`).
+    pub new_session: bool,
 }
 
 impl SandboxSpec {
@@ -92,6 +96,7 @@ impl SandboxSpec {
             argv,
             stdio: Stdio::inherit(),
             umask: 0o022,
+            new_session: false,
         }
     }
 }
@@ -344,6 +349,9 @@ impl Sandbox {
             .map_err(SandboxError::Clone)?;
         let forked = sys.clone_process(plan.clone_flags);
         if let Ok(Forked::Child) = forked {
+            // Nothing in the launcher may panic; should it anyway, never
+            // unwind into the caller's code in this copy of its process.
+            let _guard = ExitOnUnwind;
             launcher_main(&sys, &launch);
         }
         // Restoring the mask of a thread that had it a moment ago cannot fail.
@@ -386,6 +394,15 @@ impl Sandbox {
     }
 }
 
+/// Ends a cloned child that unwinds instead of letting it return.
+struct ExitOnUnwind;
+
+impl Drop for ExitOnUnwind {
+    fn drop(&mut self) {
+        LinuxSyscall.exit(125)
+    }
+}
+
 fn describe(plan: &Plan, step: LaunchStep) -> String {
     match step {
         LaunchStep::Plan(i) => {
@@ -397,6 +414,7 @@ fn describe(plan: &Plan, step: LaunchStep) -> String {
         LaunchStep::RedirectStdio => "redirect the workload's standard streams".into(),
         LaunchStep::ResetSignals => "reset the workload's signal state".into(),
         LaunchStep::Exec => "exec the workload".into(),
+        LaunchStep::NewSession => "start a new session for the workload".into(),
     }
 }
 

@@ -146,6 +146,8 @@ pub struct ExecPlan {
     pub credentials: Option<Credentials>,
     /// The program as the caller named it, for error messages.
     pub program: String,
+    /// Start the workload in a new session, away from the caller's terminal.
+    pub new_session: bool,
 }
 
 /// Process ids the workload switches to before exec.
@@ -477,6 +479,7 @@ fn exec_plan(spec: &SandboxSpec) -> Result<ExecPlan, SandboxError> {
         env: CStringArray::new(env),
         credentials,
         program: program.to_string_lossy().into_owned(),
+        new_session: spec.new_session,
     })
 }
 

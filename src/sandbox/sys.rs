@@ -60,6 +60,15 @@ impl std::fmt::Debug for CStringArray {
     }
 }
 
+/// A signal taken from the pending set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceivedSignal {
+    pub signal: c_int,
+    /// Sent by the kernel itself (`SI_KERNEL`), e.g. the terminal's
+    /// SIGINT to its whole foreground process group, rather than by `kill`.
+    pub from_kernel: bool,
+}
+
 /// What a fork-like clone returned in the calling process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forked {
@@ -117,7 +126,9 @@ pub trait Syscall {
     fn write(&self, fd: RawFd, buf: &[u8]) -> SysResult<usize>;
     fn kill(&self, pid: Pid, signal: c_int) -> SysResult<()>;
     /// Waits for a signal of `set` (which must be blocked) and returns it.
-    fn wait_signal(&self, set: &SigSet) -> SysResult<c_int>;
+    fn wait_signal(&self, set: &SigSet) -> SysResult<ReceivedSignal>;
+    /// Starts a new session (and process group) without a controlling terminal.
+    fn new_session(&self) -> SysResult<()>;
     /// `waitpid(pid, WNOHANG?)`: `Ok(None)` when nothing is ready.
     fn wait_pid(&self, pid: Pid, nohang: bool) -> SysResult<Option<(Pid, c_int)>>;
     fn sigmask(&self, how: SigmaskHow, set: &SigSet, old: Option<&mut SigSet>) -> SysResult<()>;
@@ -351,16 +362,27 @@ impl Syscall for LinuxSyscall {
         check(unsafe { libc::kill(pid.as_raw(), signal) })
     }
 
-    fn wait_signal(&self, set: &SigSet) -> SysResult<c_int> {
+    fn wait_signal(&self, set: &SigSet) -> SysResult<ReceivedSignal> {
         loop {
-            // SAFETY: `set` is a valid sigset_t; a NULL info pointer is allowed.
-            let n = unsafe { libc::sigwaitinfo(set.as_ref(), std::ptr::null_mut()) };
+            // SAFETY: `siginfo_t` is plain old data, valid when zeroed.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `set` is a valid sigset_t and `info` a writable siginfo_t.
+            let n = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
             match n {
                 -1 if Errno::last() == Errno::EINTR => continue,
                 -1 => return Err(Errno::last()),
-                n => return Ok(n),
+                n => {
+                    return Ok(ReceivedSignal {
+                        signal: n,
+                        from_kernel: info.si_code == libc::SI_KERNEL,
+                    });
+                }
             }
         }
+    }
+
+    fn new_session(&self) -> SysResult<()> {
+        nix::unistd::setsid().map(drop)
     }
 
     fn wait_pid(&self, pid: Pid, nohang: bool) -> SysResult<Option<(Pid, c_int)>> {

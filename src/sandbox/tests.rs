@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use super::channel::LauncherEnd;
 use super::launcher::{self, Launch, launcher_signals};
 use super::plan::{Plan, SourceKind, Step, run_steps};
-use super::sys::{CStringArray, Forked, SysResult, Syscall};
+use super::sys::{CStringArray, Forked, ReceivedSignal, SysResult, Syscall};
 use super::*;
 
 /// Records every call as one line of text; scripted answers for the calls
@@ -28,7 +28,7 @@ struct Recorder {
     calls: RefCell<Vec<String>>,
     fail: Option<(&'static str, Errno)>,
     reads: RefCell<VecDeque<Vec<u8>>>,
-    signals: RefCell<VecDeque<c_int>>,
+    signals: RefCell<VecDeque<ReceivedSignal>>,
     waits: RefCell<VecDeque<Option<(i32, c_int)>>>,
     exec_errors: Vec<(&'static str, Errno)>,
 }
@@ -163,9 +163,12 @@ impl Syscall for Recorder {
     fn kill(&self, pid: Pid, signal: c_int) -> SysResult<()> {
         self.record(format!("kill {pid} {signal}"))
     }
-    fn wait_signal(&self, _set: &SigSet) -> SysResult<c_int> {
+    fn wait_signal(&self, _set: &SigSet) -> SysResult<ReceivedSignal> {
         self.record("wait_signal".into())?;
         Ok(self.signals.borrow_mut().pop_front().expect("scripted signal"))
+    }
+    fn new_session(&self) -> SysResult<()> {
+        self.record("setsid".into())
     }
     fn wait_pid(&self, pid: Pid, nohang: bool) -> SysResult<Option<(Pid, c_int)>> {
         self.record(format!("wait_pid {pid} nohang={nohang}"))?;
@@ -382,12 +385,14 @@ fn exec_goes_on_after_enoent_remembers_eacces_and_stops_at_other_errors() {
 fn workload_switches_user_then_redirects_stdio_then_resets_signals() {
     let mut spec = build_spec();
     spec.user = Some((65532, 65532));
+    spec.new_session = true;
     let p = plan(&spec);
     let sys = Recorder::default();
     launcher::prepare_workload(&sys, &p.exec, [Some(10), None, Some(12)]).unwrap();
     assert_eq!(
         sys.calls(),
         [
+            "setsid",
             "credentials 65532:65532 drop_groups=false",
             "dup2 10 0",
             "dup2 12 2",
@@ -418,7 +423,11 @@ fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
     let p = plan(&build_spec());
     let sys = Recorder::default();
     sys.reads.borrow_mut().extend([vec![1u8], vec![]]); // mapping ack, then exec EOF
-    sys.signals.borrow_mut().extend([15, libc_sigchld(), libc_sigchld()]);
+    sys.signals.borrow_mut().extend([
+        by_kill(15),
+        by_kill(libc_sigchld()),
+        by_kill(libc_sigchld()),
+    ]);
     // An orphan (pid 7) is reaped first; the workload (pid 2) exits 3 later.
     sys.waits.borrow_mut().extend([Some((7, 0)), None, Some((2, 3 << 8))]);
     assert_eq!(run_launcher(&sys, &p), 3);
@@ -461,6 +470,29 @@ fn launcher_reports_a_failed_step_and_stops() {
 fn launcher_exit_code_is_128_plus_signal() {
     assert_eq!(launcher::exit_code(9), 137);
     assert_eq!(launcher::exit_code(42 << 8), 42);
+}
+
+fn by_kill(signal: c_int) -> ReceivedSignal {
+    ReceivedSignal { signal, from_kernel: false }
+}
+
+#[test]
+fn terminal_signals_reach_a_workload_in_the_same_session_only_once() {
+    let tty_sigint = ReceivedSignal { signal: 2, from_kernel: true };
+    for own_session in [false, true] {
+        let sys = Recorder::default();
+        sys.signals.borrow_mut().extend([tty_sigint, by_kill(10), by_kill(libc_sigchld())]);
+        sys.waits.borrow_mut().push_back(Some((2, 0)));
+        let signals = launcher_signals();
+        assert_eq!(launcher::supervise(&sys, Pid::from_raw(2), &signals, own_session), 0);
+        let kills: Vec<String> =
+            sys.calls().into_iter().filter(|c| c.starts_with("kill")).collect();
+        if own_session {
+            assert_eq!(kills, ["kill 2 2", "kill 2 10"]);
+        } else {
+            assert_eq!(kills, ["kill 2 10"], "the terminal already sent SIGINT to the workload");
+        }
+    }
 }
 
 fn libc_sigchld() -> c_int {

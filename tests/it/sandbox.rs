@@ -474,3 +474,17 @@ fn sandbox_build_plan_snapshot() {
     let text: Vec<String> = plan.steps.iter().map(ToString::to_string).collect();
     crate::assert_snapshot!("build_plan", text.join("\n"));
 }
+
+crate::rootless_test! {
+    fn sandbox_new_session_detaches_the_workload_from_the_caller_session() {
+        let case = Case::new();
+        // Field 6 of /proc/PID/stat is the session id: the workload's own pid
+        // (2) when it leads a new session, 0 (outside the namespace) otherwise.
+        let script = "cut -d' ' -f6 /proc/$$/stat";
+        let mut spec = case.spec(script);
+        spec.new_session = true;
+        assert_eq!(run(&spec).unwrap(), ExitStatus::Exited(0));
+        assert_eq!(case.log_text(), "2\n");
+        assert_eq!(case.run_ok(script), "0\n");
+    }
+}
