@@ -487,7 +487,7 @@ impl Running {
 
     fn kill(&mut self) {
         if let Some(pid) = self.pid.take() {
-            let _ = LinuxSyscall.kill(pid, nix::libc::SIGKILL);
+            let _ = LinuxSyscall.kill(pid, nix::sys::signal::Signal::SIGKILL as i32);
             let _ = LinuxSyscall.wait_pid(pid, false);
         }
     }

@@ -488,3 +488,33 @@ crate::rootless_test! {
         assert_eq!(case.run_ok(script), "0\n");
     }
 }
+
+crate::rootless_test! {
+    fn sandbox_starts_while_other_threads_allocate() {
+        // The launcher is cloned from this multi-threaded process while other
+        // threads hold and release the allocator's locks; a launcher that
+        // allocated could deadlock on a lock copied in its locked state.
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let churners: Vec<_> = (0..3)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let v: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 1 + i * 31]).collect();
+                        std::hint::black_box(v);
+                    }
+                })
+            })
+            .collect();
+        let case = Case::new();
+        let results: Vec<ExitStatus> =
+            (0..20).map(|i| run(&case.spec(&format!("exit {i}"))).unwrap()).collect();
+        stop.store(true, Ordering::Relaxed);
+        for churner in churners {
+            churner.join().unwrap();
+        }
+        assert_eq!(results, (0..20).map(ExitStatus::Exited).collect::<Vec<_>>());
+    }
+}
