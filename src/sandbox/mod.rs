@@ -48,7 +48,7 @@ pub use idmap::{IdMapping, IdRange, MapMethod, subordinate_range};
 
 use channel::{CallerEnd, ChannelError, LaunchStep, LauncherEnd, Report};
 use launcher::{Launch, launcher_main, launcher_signals};
-use plan::{Plan, SourceKind};
+use plan::{HostSource, Plan, SourceKind};
 use sys::{Forked, LinuxSyscall, Syscall};
 
 /// Everything that defines one sandboxed process.
@@ -318,7 +318,7 @@ impl Sandbox {
 
     /// Starts `spec` and returns once the workload has been exec'd.
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<Running, SandboxError> {
-        let plan = Plan::new(spec, &host_source_kind)?;
+        let plan = Plan::new(spec, &resolve_host_source)?;
         self.start(spec, &plan, false)
     }
 
@@ -418,8 +418,11 @@ fn describe(plan: &Plan, step: LaunchStep) -> String {
     }
 }
 
-fn host_source_kind(path: &Path) -> std::io::Result<SourceKind> {
-    Ok(if std::fs::metadata(path)?.is_dir() { SourceKind::Directory } else { SourceKind::File })
+fn resolve_host_source(path: &Path) -> std::io::Result<HostSource> {
+    let path = std::fs::canonicalize(path)?;
+    let kind =
+        if std::fs::metadata(&path)?.is_dir() { SourceKind::Directory } else { SourceKind::File };
+    Ok(HostSource { path, kind })
 }
 
 /// The workload's stdio as descriptors numbered 3 or more (so redirecting
@@ -517,7 +520,7 @@ pub fn probe(id_mapping: &IdMapping, scratch: &Path) -> Probe {
     let check = |root: RootFs| -> Result<(), SandboxError> {
         let mut spec = SandboxSpec::new(id_mapping.clone(), vec!["/probe".into()]);
         spec.root = root;
-        let plan = Plan::new(&spec, &host_source_kind)?;
+        let plan = Plan::new(&spec, &resolve_host_source)?;
         sandbox.start(&spec, &plan, true)?.wait().map(drop)
     };
     let user_namespaces = check(RootFs::Tmpfs);

@@ -51,6 +51,15 @@ pub enum SourceKind {
     File,
 }
 
+/// A host path as it will be mounted: symlinks resolved by the caller (the
+/// launcher resolves paths below [`OLD_ROOT`], where a host's absolute
+/// symlink would point into the staging root instead), and its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSource {
+    pub path: PathBuf,
+    pub kind: SourceKind,
+}
+
 /// One operation of the launcher's setup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -260,11 +269,12 @@ impl Builder {
 }
 
 impl Plan {
-    /// Computes the launcher's setup for `spec`. `source_kind` says whether a
-    /// host path is a directory (the caller stats it; tests fake it).
+    /// Computes the launcher's setup for `spec`. `resolve` canonicalises a
+    /// host path and says whether it is a directory (the caller asks the
+    /// filesystem; tests fake it).
     pub fn new(
         spec: &SandboxSpec,
-        source_kind: &dyn Fn(&Path) -> std::io::Result<SourceKind>,
+        resolve: &dyn Fn(&Path) -> std::io::Result<HostSource>,
     ) -> Result<Plan, SandboxError> {
         let mut b = Builder { steps: Vec::new(), made: Default::default() };
         let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
@@ -307,10 +317,15 @@ impl Plan {
                 // kernel's one-page limit and free of `:` and `,` from host paths.
                 b.mkdir("/layers");
                 for (i, layer) in layers.iter().enumerate() {
+                    absolute_components(layer, "overlay layer")?;
+                    let resolved = resolve(layer).map_err(|e| SandboxError::MountSource {
+                        path: layer.clone(),
+                        source: e,
+                    })?;
                     let staged = format!("/layers/{i}");
                     b.mkdir(&staged);
                     b.push(Step::Mount {
-                        source: Some(host_path(layer, "overlay layer")?),
+                        source: Some(host_path(&resolved.path, "overlay layer")?),
                         target: CString::new(staged).expect("digits"),
                         fstype: None,
                         flags: MsFlags::MS_BIND | MsFlags::MS_REC,
@@ -373,13 +388,14 @@ impl Plan {
             let parts = absolute_components(&mount.target, "mount target")?;
             match &mount.kind {
                 MountKind::Bind { source, read_only } => {
-                    let kind = source_kind(source).map_err(|e| SandboxError::MountSource {
+                    absolute_components(source, "mount source")?;
+                    let resolved = resolve(source).map_err(|e| SandboxError::MountSource {
                         path: source.clone(),
                         source: e,
                     })?;
-                    let target = b.mount_point(&parts, kind)?;
+                    let target = b.mount_point(&parts, resolved.kind)?;
                     b.push(Step::Mount {
-                        source: Some(host_path(source, "mount source")?),
+                        source: Some(host_path(&resolved.path, "mount source")?),
                         target: target.clone(),
                         fstype: None,
                         flags: MsFlags::MS_BIND | MsFlags::MS_REC,

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 
 use super::channel::LauncherEnd;
 use super::launcher::{self, Launch, launcher_signals};
-use super::plan::{Plan, SourceKind, Step, run_steps};
+use super::plan::{HostSource, Plan, SourceKind, Step, run_steps};
 use super::sys::{CStringArray, Forked, ReceivedSignal, SysResult, Syscall};
 use super::*;
 
@@ -187,8 +187,11 @@ impl Syscall for Recorder {
     }
 }
 
-fn fake_kinds(path: &Path) -> std::io::Result<SourceKind> {
-    Ok(if path.extension().is_some() { SourceKind::File } else { SourceKind::Directory })
+fn fake_kinds(path: &Path) -> std::io::Result<HostSource> {
+    let kind = if path.extension().is_some() { SourceKind::File } else { SourceKind::Directory };
+    // A host symlink the caller resolved: the plan mounts its target.
+    let path = if path == Path::new("/lib64") { "/usr/lib64".into() } else { path.to_path_buf() };
+    Ok(HostSource { path, kind })
 }
 
 fn build_spec() -> SandboxSpec {
@@ -203,6 +206,7 @@ fn build_spec() -> SandboxSpec {
         Mount::bind_ro("/usr/lib/x86_64", "/usr/lib/x86_64"),
         Mount::bind_rw("/home/u/src-copy", "/src"),
         Mount::bind_ro("/etc/resolv.conf", "/etc/resolv.conf"),
+        Mount::bind_ro("/lib64", "/lib64"),
     ];
     spec.hostname = Some("pkg".into());
     spec.cwd = "/src".into();
@@ -254,6 +258,7 @@ fn binds_read_host_paths_through_the_old_root_and_read_only_ones_are_sealed() {
     let usr = sys.position("mount /oldroot/usr /newroot/usr - MS_BIND | MS_REC");
     assert_eq!(calls[usr + 1], "read-only /newroot/usr");
     let out = sys.position("mount /oldroot/home/u/out /newroot/out - MS_BIND | MS_REC");
+    sys.position("mount /oldroot/usr/lib64 /newroot/lib64 - MS_BIND | MS_REC");
     assert!(!calls[out + 1].starts_with("read-only"), "a read-write bind stays writable");
     // Parents before children, whatever the spec's order.
     assert!(usr < sys.position("mount /oldroot/usr/lib/x86_64 /newroot/usr/lib/x86_64"));

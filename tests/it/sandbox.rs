@@ -34,11 +34,10 @@ fn sh_spec(script: &str, log: &Path) -> SandboxSpec {
     let argv = vec!["/bin/sh".into(), "-c".into(), script.into()];
     let mut spec = SandboxSpec::new(build_mapping(), argv);
     for dir in ["/usr", "/bin", "/lib", "/lib64", "/sbin"] {
-        // /bin and /lib are symlinks into /usr on merged-/usr systems: bind
-        // the directory they resolve to.
-        let path = Path::new(dir);
-        if path.exists() {
-            spec.mounts.push(Mount::bind_ro(path.canonicalize().unwrap(), dir));
+        // On merged-/usr hosts /bin, /lib… are symlinks into /usr: the
+        // sandbox binds what they resolve to.
+        if Path::new(dir).exists() {
+            spec.mounts.push(Mount::bind_ro(dir, dir));
         }
     }
     spec.mounts.push(Mount::tmpfs("/tmp"));
@@ -464,11 +463,9 @@ fn sandbox_build_plan_snapshot() {
     spec.hostname = Some("pkg".into());
     spec.cwd = "/src".into();
     let kinds = |p: &Path| {
-        Ok(if p.ends_with("hosts") {
-            pkg::sandbox::plan::SourceKind::File
-        } else {
-            pkg::sandbox::plan::SourceKind::Directory
-        })
+        use pkg::sandbox::plan::{HostSource, SourceKind};
+        let kind = if p.ends_with("hosts") { SourceKind::File } else { SourceKind::Directory };
+        Ok(HostSource { path: p.to_path_buf(), kind })
     };
     let plan = pkg::sandbox::plan::Plan::new(&spec, &kinds).unwrap();
     let text: Vec<String> = plan.steps.iter().map(ToString::to_string).collect();
@@ -516,5 +513,18 @@ crate::rootless_test! {
             churner.join().unwrap();
         }
         assert_eq!(results, (0..20).map(ExitStatus::Exited).collect::<Vec<_>>());
+    }
+}
+
+crate::rootless_test! {
+    fn sandbox_binds_follow_absolute_host_symlinks() {
+        let case = Case::new();
+        std::fs::write(case.path("real.conf"), "nameserver 192.0.2.1\n").unwrap();
+        // Like /etc/resolv.conf -> /run/systemd/resolve/stub-resolv.conf.
+        std::os::unix::fs::symlink(case.path("real.conf"), case.path("link.conf")).unwrap();
+        let mut spec = case.spec("cat /etc/resolv.conf");
+        spec.mounts.push(Mount::bind_ro(case.path("link.conf"), "/etc/resolv.conf"));
+        assert_eq!(run(&spec).unwrap(), ExitStatus::Exited(0), "{}", case.log_text());
+        assert_eq!(case.log_text(), "nameserver 192.0.2.1\n");
     }
 }
