@@ -19,12 +19,11 @@
 //! holding only `lo`, which the launcher brings up (builds' test suites may
 //! listen on localhost); nothing outside is reachable.
 //!
-//! Known limitation: mount targets are created by path below the new root
-//! during setup, while the host's root is still reachable at
-//! [`plan::OLD_ROOT`]. An image whose layers contain symlinks such as
-//! `etc -> /oldroot/home` could redirect where a mount point is created.
-//! Fine for builds (the plan controls the root) and trusted images; untrusted
-//! images need `openat2(RESOLVE_IN_ROOT)` resolution of targets.
+//! Mount points inside the new root are created by path once the host's root
+//! is detached (see [`plan`]), so symlinks in image layers cannot lead the
+//! launcher to host files. They can still point a mount point into another
+//! bind mount of the same sandbox (e.g. a read-write volume); full
+//! containment would need `openat2(RESOLVE_IN_ROOT)` or `open_tree` fds.
 
 pub mod channel;
 pub mod idmap;

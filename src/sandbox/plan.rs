@@ -8,12 +8,14 @@
 //! 2. a staging tmpfs becomes the root first, with the host's root at
 //!    [`OLD_ROOT`]: every host path is read through that prefix, so sources
 //!    under the host's `/tmp` stay reachable;
-//! 3. the new root is assembled at [`NEW_ROOT`]: root filesystem, `/proc`,
-//!    `/dev`, then the caller's mounts, parents before children;
-//! 4. the host root is detached before the final `pivot_root`, and the
-//!    staging root is detached after it, so nothing of the host stays
-//!    reachable except what was bind-mounted;
-//! 5. hostname, loopback, working directory, umask and `no_new_privs` come
+//! 3. the new root is assembled at [`NEW_ROOT`]: root filesystem, bind
+//!    sources staged at `/staged/N`, `/proc` and `/dev`;
+//! 4. the host root is detached before any mount point is created inside
+//!    the new root (a symlink in an image layer cannot reach host files),
+//!    then the caller's mounts follow, parents before children;
+//! 5. the staging root is detached after the final `pivot_root`, so nothing
+//!    of the host stays reachable except what was bind-mounted;
+//! 6. hostname, loopback, working directory, umask and `no_new_privs` come
 //!    last, once the process lives in its final root.
 
 use std::ffi::{CString, OsStr};
@@ -342,6 +344,41 @@ impl Plan {
             }
         }
 
+        // Host sources of bind mounts are staged under /staged first: the
+        // mount points inside the new root are created only once the host's
+        // root is detached, so a symlink in an image layer cannot make the
+        // launcher create files or directories on the host.
+        // Parents before children, so `/a` never hides `/a/b`; stable for equal depths.
+        let mut mounts: Vec<&super::Mount> = spec.mounts.iter().collect();
+        mounts.sort_by_key(|m| m.target.components().count());
+        let mut staged = Vec::with_capacity(mounts.len());
+        for (i, mount) in mounts.iter().enumerate() {
+            let MountKind::Bind { source, .. } = &mount.kind else {
+                staged.push(None);
+                continue;
+            };
+            absolute_components(source, "mount source")?;
+            let resolved = resolve(source)
+                .map_err(|e| SandboxError::MountSource { path: source.clone(), source: e })?;
+            b.mkdir("/staged");
+            let stage = CString::new(format!("/staged/{i}")).expect("digits");
+            b.push(match resolved.kind {
+                SourceKind::Directory => Step::Mkdir(stage.clone()),
+                SourceKind::File => Step::Touch(stage.clone()),
+            });
+            b.push(Step::Mount {
+                source: Some(host_path(&resolved.path, "mount source")?),
+                target: stage.clone(),
+                fstype: None,
+                flags: MsFlags::MS_BIND | MsFlags::MS_REC,
+                data: None,
+            });
+            staged.push(Some((stage, resolved.kind)));
+        }
+
+        // /proc needs a visible proc mount in this namespace (the host's),
+        // so it comes before the host's root is detached; it and /dev are
+        // top-level names, created without following any image symlink.
         let proc_dir = b.mount_point(&[OsStr::new("proc")], SourceKind::Directory)?;
         b.mount("proc", proc_dir, "proc", nosuid_nodev | MsFlags::MS_NOEXEC, "");
 
@@ -381,21 +418,15 @@ impl Plan {
             });
         }
 
-        // Parents before children, so `/a` never hides `/a/b`; stable for equal depths.
-        let mut mounts: Vec<&super::Mount> = spec.mounts.iter().collect();
-        mounts.sort_by_key(|m| m.target.components().count());
-        for mount in mounts {
+        b.push(Step::Detach(CString::new(OLD_ROOT).expect("static")));
+
+        for (mount, stage) in mounts.iter().zip(staged) {
             let parts = absolute_components(&mount.target, "mount target")?;
-            match &mount.kind {
-                MountKind::Bind { source, read_only } => {
-                    absolute_components(source, "mount source")?;
-                    let resolved = resolve(source).map_err(|e| SandboxError::MountSource {
-                        path: source.clone(),
-                        source: e,
-                    })?;
-                    let target = b.mount_point(&parts, resolved.kind)?;
+            match (&mount.kind, stage) {
+                (MountKind::Bind { read_only, .. }, Some((stage, kind))) => {
+                    let target = b.mount_point(&parts, kind)?;
                     b.push(Step::Mount {
-                        source: Some(host_path(&resolved.path, "mount source")?),
+                        source: Some(stage),
                         target: target.clone(),
                         fstype: None,
                         flags: MsFlags::MS_BIND | MsFlags::MS_REC,
@@ -405,7 +436,7 @@ impl Plan {
                         b.push(Step::SetReadOnly(target));
                     }
                 }
-                MountKind::Tmpfs => {
+                _ => {
                     let target = b.mount_point(&parts, SourceKind::Directory)?;
                     b.mount("tmpfs", target, "tmpfs", nosuid_nodev, "mode=1777");
                 }
@@ -415,7 +446,6 @@ impl Plan {
         let cwd_parts = absolute_components(&spec.cwd, "working directory")?;
         b.mount_point(&cwd_parts, SourceKind::Directory)?;
 
-        b.push(Step::Detach(CString::new(OLD_ROOT).expect("static")));
         b.push(Step::Chdir(CString::new(NEW_ROOT).expect("static")));
         // pivot_root(".", ".") stacks the staging root on top of the new
         // one; detaching "." then removes the staging root.

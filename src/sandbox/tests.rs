@@ -235,14 +235,28 @@ fn setup_order_keeps_the_invariants() {
     let final_pivot = sys.position("pivot_root . .");
     let last_mount =
         calls.iter().rposition(|c| c.starts_with("mount ") || c.starts_with("read-only ")).unwrap();
-    assert!(first_pivot < detach_old && last_mount < detach_old && detach_old < final_pivot);
+    assert!(first_pivot < detach_old && last_mount < final_pivot && detach_old < final_pivot);
+    // Host paths are only read while the host root is attached…
+    let last_host_read = calls.iter().rposition(|c| c.contains(" /oldroot/")).unwrap();
+    assert!(last_host_read < detach_old);
+    // …and nothing is created inside the new root then, except the
+    // top-level /proc and /dev, so image symlinks cannot lead to host files.
+    for call in &calls[..detach_old] {
+        if call.starts_with("mkdir /newroot") || call.starts_with("touch /newroot") {
+            let path = call.split(' ').nth(1).unwrap();
+            assert!(path == "/newroot/proc" || path.starts_with("/newroot/dev"), "{call}");
+        }
+    }
     assert_eq!(calls[final_pivot - 1], "chdir /newroot");
     assert_eq!(calls[final_pivot + 1], "umount . MNT_DETACH", "the staging root is dropped");
     assert_eq!(calls[final_pivot + 2], "chdir /");
     // Every mount after the first pivot targets the new root or staging paths.
     for call in calls[first_pivot..detach_old].iter().filter(|c| c.starts_with("mount ")) {
         let target = call.split(' ').nth(2).unwrap();
-        assert!(target.starts_with("/newroot") || target.starts_with("/layers/"), "{call}");
+        assert!(
+            ["/newroot", "/layers/", "/staged/"].iter().any(|p| target.starts_with(p)),
+            "{call}"
+        );
     }
     // After the final pivot: hostname, loopback, cwd, umask, no_new_privs.
     assert_eq!(
@@ -255,19 +269,31 @@ fn setup_order_keeps_the_invariants() {
 fn binds_read_host_paths_through_the_old_root_and_read_only_ones_are_sealed() {
     let sys = recorded(&plan(&build_spec()).steps);
     let calls = sys.calls();
-    let usr = sys.position("mount /oldroot/usr /newroot/usr - MS_BIND | MS_REC");
+    // Each source is staged from the host root, then bound to its target.
+    let staged = |source: &str| {
+        let call = &calls[sys.position(&format!("mount /oldroot{source} /staged/"))];
+        call.split(' ').nth(2).unwrap().to_string()
+    };
+    let usr = sys.position(&format!("mount {} /newroot/usr - MS_BIND | MS_REC", staged("/usr")));
     assert_eq!(calls[usr + 1], "read-only /newroot/usr");
-    let out = sys.position("mount /oldroot/home/u/out /newroot/out - MS_BIND | MS_REC");
-    sys.position("mount /oldroot/usr/lib64 /newroot/lib64 - MS_BIND | MS_REC");
+    let out =
+        sys.position(&format!("mount {} /newroot/out - MS_BIND | MS_REC", staged("/home/u/out")));
     assert!(!calls[out + 1].starts_with("read-only"), "a read-write bind stays writable");
+    // The caller resolved the /lib64 symlink: its target is mounted.
+    sys.position(&format!("mount {} /newroot/lib64", staged("/usr/lib64")));
     // Parents before children, whatever the spec's order.
-    assert!(usr < sys.position("mount /oldroot/usr/lib/x86_64 /newroot/usr/lib/x86_64"));
-    // A file source gets a file mount point, its parents directories.
+    let lib = staged("/usr/lib/x86_64");
+    assert!(usr < sys.position(&format!("mount {lib} /newroot/usr/lib/x86_64")));
+    // A file source gets a file mount point, staged and in place; its parents are directories.
+    let resolv = staged("/etc/resolv.conf");
+    assert!(
+        sys.position(&format!("touch {resolv}")) < sys.position("mount /oldroot/etc/resolv.conf")
+    );
     let etc = sys.position("mkdir /newroot/etc 755");
     assert!(etc < sys.position("touch /newroot/etc/resolv.conf"));
     assert!(
         sys.position("touch /newroot/etc/resolv.conf")
-            < sys.position("mount /oldroot/etc/resolv.conf")
+            < sys.position(&format!("mount {resolv} /newroot/etc/resolv.conf"))
     );
 }
 

@@ -528,3 +528,34 @@ crate::rootless_test! {
         assert_eq!(case.log_text(), "nameserver 192.0.2.1\n");
     }
 }
+
+crate::rootless_test! {
+    fn sandbox_image_symlinks_cannot_make_the_setup_touch_host_files() {
+        let case = Case::new();
+        let host = case.path("host");
+        std::fs::create_dir(&host).unwrap();
+        // A hostile layer: /etc and /work point at the host through the
+        // launcher's view of the host root during setup.
+        let layer = case.path("layer");
+        std::fs::create_dir(&layer).unwrap();
+        let via_old_root = format!("/oldroot{}", host.display());
+        std::os::unix::fs::symlink(&via_old_root, layer.join("etc")).unwrap();
+        std::os::unix::fs::symlink(&via_old_root, layer.join("work")).unwrap();
+        std::fs::write(case.path("hosts"), "127.0.0.1 localhost\n").unwrap();
+
+        let mut spec = case.spec("exit 0");
+        spec.root = RootFs::Overlay { layers: vec![layer.clone()] };
+        spec.mounts.push(Mount::bind_ro(case.path("hosts"), "/etc/hosts"));
+        let err = run(&spec).unwrap_err();
+        assert!(matches!(err, SandboxError::Setup { .. }), "{err:?}");
+
+        let mut spec = case.spec("exit 0");
+        spec.root = RootFs::Overlay { layers: vec![layer] };
+        spec.cwd = "/work/build".into();
+        let err = run(&spec).unwrap_err();
+        assert!(matches!(err, SandboxError::Setup { .. }), "{err:?}");
+
+        let created: Vec<_> = std::fs::read_dir(&host).unwrap().collect();
+        assert!(created.is_empty(), "the setup created files on the host: {created:?}");
+    }
+}
