@@ -49,8 +49,6 @@ const SETUP_FAILED: c_int = 125;
 pub struct Launch<'a> {
     pub plan: &'a Plan,
     pub channel: LauncherEnd,
-    /// Caller-side descriptors the launcher must close (the other pipe ends).
-    pub close: [RawFd; 2],
     /// Sources for the workload's fds 0, 1 and 2; `None` inherits.
     pub stdio: [Option<RawFd>; 3],
     /// Stop after the setup, without starting a workload (for [`super::probe`]).
@@ -61,10 +59,9 @@ pub struct Launch<'a> {
 
 /// The launcher: PID 1 of the sandbox. Never returns.
 pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
-    for fd in launch.close {
-        sys.close(fd);
-    }
     let channel = launch.channel;
+    let [stdin, stdout, stderr] = launch.stdio.map(|fd| fd.unwrap_or(0));
+    close_other_fds(sys, [channel.from_caller, channel.to_caller, stdin, stdout, stderr]);
     if channel.wait_for_mapping(sys).is_err() {
         sys.exit(SETUP_FAILED);
     }
@@ -114,6 +111,24 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     let status = supervise(sys, workload, launch.signals, launch.plan.exec.new_session);
     channel.report(sys, Report::Exited { wait_status: status });
     sys.exit(exit_code(status))
+}
+
+/// Closes every descriptor from 3 up except `keep`. The launcher inherits
+/// all of the caller's descriptors, close-on-exec or not, since it never
+/// execs; held open for the sandbox's lifetime they would keep other
+/// threads' pipes from ever reaching EOF.
+pub fn close_other_fds(sys: &impl Syscall, mut keep: [RawFd; 5]) {
+    keep.sort_unstable();
+    let mut first = 3;
+    for fd in keep {
+        if fd >= first {
+            if fd > first {
+                sys.close_range(first, fd - 1);
+            }
+            first = fd + 1;
+        }
+    }
+    sys.close_range(first, RawFd::MAX);
 }
 
 /// PID 1's loop: forwards signals to `workload`, reaps every child (orphans

@@ -335,7 +335,6 @@ impl Sandbox {
         let launch = Launch {
             plan,
             channel: LauncherEnd::new(&launcher_read, &launcher_write),
-            close: [caller_write.as_raw_fd(), caller_read.as_raw_fd()],
             stdio: stdio.raw(),
             setup_only,
             signals: &signals,

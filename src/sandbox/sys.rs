@@ -122,6 +122,8 @@ pub trait Syscall {
     /// A close-on-exec pipe: (read end, write end).
     fn pipe(&self) -> SysResult<(OwnedFd, OwnedFd)>;
     fn close(&self, fd: RawFd);
+    /// Closes every descriptor from `first` to `last` (inclusive), if any.
+    fn close_range(&self, first: RawFd, last: RawFd);
     fn read(&self, fd: RawFd, buf: &mut [u8]) -> SysResult<usize>;
     fn write(&self, fd: RawFd, buf: &[u8]) -> SysResult<usize>;
     fn kill(&self, pid: Pid, signal: c_int) -> SysResult<()>;
@@ -331,6 +333,12 @@ impl Syscall for LinuxSyscall {
     fn close(&self, fd: RawFd) {
         // SAFETY: callers pass descriptors they own and never use again.
         unsafe { libc::close(fd) };
+    }
+
+    fn close_range(&self, first: RawFd, last: RawFd) {
+        // SAFETY: callers only pass ranges of descriptors they own and no
+        // longer use; close_range touches nothing but the descriptor table.
+        unsafe { libc::close_range(first as libc::c_uint, last as libc::c_uint, 0) };
     }
 
     fn read(&self, fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {

@@ -150,6 +150,9 @@ impl Syscall for Recorder {
     fn close(&self, fd: RawFd) {
         let _ = self.record(format!("close {fd}"));
     }
+    fn close_range(&self, first: RawFd, last: RawFd) {
+        let _ = self.record(format!("close_range {first} {last}"));
+    }
     fn read(&self, fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
         self.record(format!("read {fd}"))?;
         let data = self.reads.borrow_mut().pop_front().unwrap_or_default();
@@ -438,7 +441,6 @@ fn run_launcher(sys: &Recorder, plan: &Plan) -> c_int {
     let launch = Launch {
         plan,
         channel: LauncherEnd { from_caller: 100, to_caller: 101 },
-        close: [102, 103],
         stdio: [None, None, None],
         setup_only: false,
         signals: &signals,
@@ -463,7 +465,7 @@ fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
     sys.waits.borrow_mut().extend([Some((7, 0)), None, Some((2, 3 << 8))]);
     assert_eq!(run_launcher(&sys, &p), 3);
     let calls = sys.calls();
-    assert_eq!(&calls[..3], ["close 102", "close 103", "read 100"]);
+    assert_eq!(&calls[..3], ["close_range 3 99", "close_range 102 2147483647", "read 100"]);
     assert!(sys.position("read 100") < sys.position("mount "), "no setup before the mapping");
     assert!(sys.position("no_new_privs") < sys.position("clone"));
     assert_eq!(sys.position("kill 2 15"), sys.position("wait_signal") + 1, "SIGTERM is forwarded");
@@ -501,6 +503,16 @@ fn launcher_reports_a_failed_step_and_stops() {
 fn launcher_exit_code_is_128_plus_signal() {
     assert_eq!(launcher::exit_code(9), 137);
     assert_eq!(launcher::exit_code(42 << 8), 42);
+}
+
+#[test]
+fn the_launcher_keeps_only_its_channel_and_the_workload_stdio() {
+    let sys = Recorder::default();
+    launcher::close_other_fds(&sys, [7, 4, 0, 8, 2]);
+    assert_eq!(sys.calls(), ["close_range 3 3", "close_range 5 6", "close_range 9 2147483647"]);
+    let sys = Recorder::default();
+    launcher::close_other_fds(&sys, [3, 4, 0, 0, 0]);
+    assert_eq!(sys.calls(), ["close_range 5 2147483647"]);
 }
 
 fn by_kill(signal: c_int) -> ReceivedSignal {

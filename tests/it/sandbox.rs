@@ -559,3 +559,33 @@ crate::rootless_test! {
         assert!(created.is_empty(), "the setup created files on the host: {created:?}");
     }
 }
+
+crate::rootless_test! {
+    fn sandbox_launcher_does_not_hold_the_callers_other_descriptors() {
+        use std::os::unix::fs::MetadataExt;
+        // Another thread's pipe: were the launcher to keep it open, that
+        // thread's reader would not see EOF while the sandbox runs.
+        let (reader, writer) = std::io::pipe().unwrap();
+        let inode = File::from(OwnedFd::from(writer)).metadata().unwrap().ino();
+        let case = Case::new();
+        let out = case.path("out");
+        std::fs::create_dir(&out).unwrap();
+        let mut spec = case.spec(
+            "echo > /out/ready; i=0; while [ ! -e /out/go ] && [ $i -lt 600 ]; do \
+             sleep 0.05; i=$((i+1)); done",
+        );
+        spec.mounts.push(Mount::bind_rw(&out, "/out"));
+        let running = Sandbox::new().spawn(&spec).unwrap();
+        assert!(wait_for_file(&out.join("ready")));
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", running.pid()))
+            .unwrap()
+            .map(|e| std::fs::read_link(e.unwrap().path()).unwrap().display().to_string())
+            .collect();
+        std::fs::write(out.join("go"), "").unwrap();
+        assert_eq!(running.wait().unwrap(), ExitStatus::Exited(0));
+        drop(reader);
+        assert!(!fds.contains(&format!("pipe:[{inode}]")), "launcher holds: {fds:?}");
+        // 0-2, the two channel ends, and the workload's three stdio sources.
+        assert_eq!(fds.len(), 8, "launcher holds: {fds:?}");
+    }
+}
