@@ -12,7 +12,7 @@ use std::os::fd::{IntoRawFd, RawFd};
 
 use nix::errno::Errno;
 use nix::sched::CloneFlags;
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 
 use super::channel::{self, LaunchStep, LauncherEnd, Report, WorkloadFailure};
@@ -62,6 +62,9 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     let channel = launch.channel;
     let [stdin, stdout, stderr] = launch.stdio.map(|fd| fd.unwrap_or(0));
     close_other_fds(sys, [channel.from_caller, channel.to_caller, stdin, stdout, stderr]);
+    // The caller's handlers must never run here: the launcher only takes
+    // its (blocked) signals with sigwaitinfo.
+    sys.reset_signal_handlers();
     if channel.wait_for_mapping(sys).is_err() {
         sys.exit(SETUP_FAILED);
     }
@@ -219,7 +222,9 @@ pub fn prepare_workload(
         }
     }
     sys.cloexec_from(3).map_err(fail(LaunchStep::RedirectStdio))?;
-    sys.reset_signals().map_err(fail(LaunchStep::ResetSignals))
+    sys.reset_signal_handlers();
+    sys.sigmask(SigmaskHow::SIG_SETMASK, &SigSet::empty(), None)
+        .map_err(fail(LaunchStep::ResetSignals))
 }
 
 /// Tries each candidate path like `execvp`: ENOENT moves on, EACCES is

@@ -248,6 +248,8 @@ pub enum SandboxError {
     Stdio(#[source] std::io::Error),
     #[error("cannot create the handshake pipes")]
     Pipe(#[source] Errno),
+    #[error("cannot block the launcher's signals before the clone")]
+    SignalMask(#[source] Errno),
     #[error(
         "cannot clone a process into new namespaces (are unprivileged user namespaces enabled?)"
     )]
@@ -344,7 +346,7 @@ impl Sandbox {
         // forwarded signal or SIGCHLD is lost before it waits for them.
         let mut old_mask = nix::sys::signal::SigSet::empty();
         sys.sigmask(SigmaskHow::SIG_BLOCK, &signals, Some(&mut old_mask))
-            .map_err(SandboxError::Clone)?;
+            .map_err(SandboxError::SignalMask)?;
         let forked = sys.clone_process(plan.clone_flags);
         if let Ok(Forked::Child) = forked {
             // Nothing in the launcher may panic; should it anyway, never

@@ -107,8 +107,8 @@ pub trait Syscall {
     /// Drops supplementary groups and switches real, effective and saved ids.
     fn set_credentials(&self, uid: u32, gid: u32, drop_groups: bool) -> SysResult<()>;
     fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()>;
-    /// Default disposition for every catchable signal and an empty signal mask.
-    fn reset_signals(&self) -> SysResult<()>;
+    /// Default disposition for every catchable signal (the mask is untouched).
+    fn reset_signal_handlers(&self);
     /// Marks every descriptor from `first` up close-on-exec.
     fn cloexec_from(&self, first: RawFd) -> SysResult<()>;
     /// Replaces the process image; returns only on failure.
@@ -274,8 +274,8 @@ impl Syscall for LinuxSyscall {
         check(unsafe { libc::dup2(from, to) })
     }
 
-    fn reset_signals(&self) -> SysResult<()> {
-        for signal in 1..libc::SIGRTMIN() {
+    fn reset_signal_handlers(&self) {
+        for signal in 1..=libc::SIGRTMAX() {
             if signal == libc::SIGKILL || signal == libc::SIGSTOP {
                 continue;
             }
@@ -283,7 +283,6 @@ impl Syscall for LinuxSyscall {
             // library reserves for itself fail with EINVAL, which we ignore.
             unsafe { libc::signal(signal, libc::SIG_DFL) };
         }
-        self.sigmask(SigmaskHow::SIG_SETMASK, &SigSet::empty(), None)
     }
 
     fn cloexec_from(&self, first: RawFd) -> SysResult<()> {

@@ -127,8 +127,8 @@ impl Syscall for Recorder {
     fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()> {
         self.record(format!("dup2 {from} {to}"))
     }
-    fn reset_signals(&self) -> SysResult<()> {
-        self.record("reset_signals".into())
+    fn reset_signal_handlers(&self) {
+        let _ = self.record("reset_signal_handlers".into());
     }
     fn cloexec_from(&self, first: RawFd) -> SysResult<()> {
         self.record(format!("cloexec_from {first}"))
@@ -431,7 +431,8 @@ fn workload_switches_user_then_redirects_stdio_then_resets_signals() {
             "dup2 10 0",
             "dup2 12 2",
             "cloexec_from 3",
-            "reset_signals"
+            "reset_signal_handlers",
+            "sigmask SIG_SETMASK"
         ]
     );
 }
@@ -465,7 +466,10 @@ fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
     sys.waits.borrow_mut().extend([Some((7, 0)), None, Some((2, 3 << 8))]);
     assert_eq!(run_launcher(&sys, &p), 3);
     let calls = sys.calls();
-    assert_eq!(&calls[..3], ["close_range 3 99", "close_range 102 2147483647", "read 100"]);
+    assert_eq!(
+        &calls[..4],
+        ["close_range 3 99", "close_range 102 2147483647", "reset_signal_handlers", "read 100"]
+    );
     assert!(sys.position("read 100") < sys.position("mount "), "no setup before the mapping");
     assert!(sys.position("no_new_privs") < sys.position("clone"));
     assert_eq!(sys.position("kill 2 15"), sys.position("wait_signal") + 1, "SIGTERM is forwarded");
