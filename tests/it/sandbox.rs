@@ -589,3 +589,22 @@ crate::rootless_test! {
         assert_eq!(fds.len(), 8, "launcher holds: {fds:?}");
     }
 }
+
+/// The same isolation when the caller is root (as in CI): root's id maps
+/// to 0, but the sandbox still has no network and an ephemeral overlay root.
+#[test]
+fn sandbox_network_and_overlay_isolation_as_root() {
+    let case = Case::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let layer = case.path("layer");
+    std::fs::create_dir(&layer).unwrap();
+    std::fs::write(layer.join("file"), "lower\n").unwrap();
+    let mut spec = case.spec(&format!("{}; echo upper > /file; cat /file", connect_script(port)));
+    spec.root = RootFs::Overlay { layers: vec![layer.clone()] };
+    assert_eq!(run(&spec).unwrap(), ExitStatus::Exited(0), "{}", case.log_text());
+    assert_eq!(case.log_text(), "lo\nrefused\nupper\n");
+    assert!(listener.accept().is_err());
+    assert_eq!(std::fs::read_to_string(layer.join("file")).unwrap(), "lower\n");
+}
