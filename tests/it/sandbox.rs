@@ -608,3 +608,19 @@ fn sandbox_network_and_overlay_isolation_as_root() {
     assert!(listener.accept().is_err());
     assert_eq!(std::fs::read_to_string(layer.join("file")).unwrap(), "lower\n");
 }
+
+crate::rootless_test! {
+    fn sandbox_runs_as_the_images_user_without_capabilities() {
+        // `pkg run` of an image whose user is 65532, without subordinate ids:
+        // the caller's ids are mapped straight to the image's user.
+        let (uid, gid) = caller_ids();
+        let case = Case::new();
+        let mut spec = case.spec("id -u; id -g; grep -E '^Cap(Eff|Prm)' /proc/self/status");
+        spec.id_mapping = IdMapping::single(65532, 65532, uid, gid);
+        assert_eq!(run(&spec).unwrap(), ExitStatus::Exited(0), "{}", case.log_text());
+        assert_eq!(
+            case.log_text(),
+            "65532\n65532\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n"
+        );
+    }
+}
