@@ -100,6 +100,11 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
         }
     };
     sys.close(exec_write);
+    // Only the workload writes there: a pipe's reader then sees EOF when the
+    // workload and its children are done with it.
+    for fd in launch.stdio.into_iter().flatten() {
+        sys.close(fd);
+    }
     match channel::wait_for_workload_exec(sys, exec_read) {
         Ok(()) => channel.report(sys, Report::Started),
         Err(WorkloadFailure { step: LaunchStep::Exec, errno }) => {

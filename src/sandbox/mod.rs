@@ -19,6 +19,54 @@
 //! holding only `lo`, which the launcher brings up (builds' test suites may
 //! listen on localhost); nothing outside is reachable.
 //!
+//! A build (`$out` and a private copy of the source read-write, host
+//! toolchain read-only, output to a log):
+//!
+//! ```no_run
+//! # use pkg::sandbox::*;
+//! # fn build(uid: u32, gid: u32, out: &std::path::Path, src: &std::path::Path,
+//! #          log: std::fs::File) -> Result<(), Box<dyn std::error::Error>> {
+//! let argv = vec!["/bin/sh".into(), "-eu".into(), "-c".into(), "make install".into()];
+//! let mut spec = SandboxSpec::new(IdMapping::single(0, 0, uid, gid), argv);
+//! for dir in ["/usr", "/bin", "/lib", "/lib64", "/etc/alternatives"] {
+//!     spec.mounts.push(Mount::bind_ro(dir, dir)); // symlinks are resolved
+//! }
+//! spec.mounts.push(Mount::bind_rw(src, "/src"));
+//! spec.mounts.push(Mount::bind_rw(out, "/out"));
+//! spec.mounts.push(Mount::tmpfs("/tmp"));
+//! spec.env = vec![("PATH".into(), "/usr/bin:/bin".into()), ("TZ".into(), "UTC".into())];
+//! spec.cwd = "/src".into();
+//! spec.hostname = Some("pkg".into());
+//! spec.new_session = true;
+//! spec.stdio = Stdio::log_to(log.into())?;
+//! let status = Sandbox::new().run(&spec)?;
+//! # Ok(()) }
+//! ```
+//!
+//! `pkg run` (overlay of the image's layer checkouts, terminal passed
+//! through, the image's user; the CLI exits with [`ExitStatus::code`] or
+//! [`SandboxError::exit_code`]):
+//!
+//! ```no_run
+//! # use pkg::sandbox::*;
+//! # fn run(uid: u32, gid: u32, layers: Vec<std::path::PathBuf>,
+//! #        argv: Vec<std::ffi::OsString>) -> i32 {
+//! let mut spec = SandboxSpec::new(IdMapping::single(65532, 65532, uid, gid), argv);
+//! spec.root = RootFs::Overlay { layers }; // base layer first
+//! spec.network = Network::Host;
+//! spec.mounts.push(Mount::bind_ro("/etc/resolv.conf", "/etc/resolv.conf"));
+//! spec.mounts.push(Mount::bind_rw("/home/me/data", "/data")); // -v /home/me/data:/data
+//! match Sandbox::new().run(&spec) {
+//!     Ok(status) => status.code(),
+//!     Err(err) => err.exit_code(),
+//! }
+//! # }
+//! ```
+//!
+//! With `/etc/subuid` granting a range, [`IdMapping::subordinate`] maps a
+//! full range of ids through newuidmap/newgidmap and [`SandboxSpec::user`]
+//! switches the workload to the image's user.
+//!
 //! Mount points inside the new root are created by path once the host's root
 //! is detached (see [`plan`]), so symlinks in image layers cannot lead the
 //! launcher to host files. They can still point a mount point into another
@@ -190,7 +238,10 @@ pub enum StdioSource {
     Inherit,
     /// `/dev/null`.
     Null,
-    /// A file, pipe or socket of the caller's.
+    /// A file, pipe or socket of the caller's. The workload gets a duplicate;
+    /// a pipe's reader sees EOF once the workload's processes and the
+    /// caller's own copy (this value) are closed. [`Sandbox::run`] blocks, so
+    /// drain a pipe from another thread (or use [`Sandbox::spawn`]).
     Fd(OwnedFd),
 }
 

@@ -442,7 +442,7 @@ fn run_launcher(sys: &Recorder, plan: &Plan) -> c_int {
     let launch = Launch {
         plan,
         channel: LauncherEnd { from_caller: 100, to_caller: 101 },
-        stdio: [None, None, None],
+        stdio: [Some(10), None, Some(12)],
         setup_only: false,
         signals: &signals,
     };
@@ -467,11 +467,21 @@ fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
     assert_eq!(run_launcher(&sys, &p), 3);
     let calls = sys.calls();
     assert_eq!(
-        &calls[..4],
-        ["close_range 3 99", "close_range 102 2147483647", "reset_signal_handlers", "read 100"]
+        &calls[..6],
+        [
+            "close_range 3 9",
+            "close_range 11 11",
+            "close_range 13 99",
+            "close_range 102 2147483647",
+            "reset_signal_handlers",
+            "read 100"
+        ]
     );
     assert!(sys.position("read 100") < sys.position("mount "), "no setup before the mapping");
     assert!(sys.position("no_new_privs") < sys.position("clone"));
+    // The launcher keeps no copy of the workload's stdio once it runs.
+    assert!(sys.position("clone") < sys.position("close 10"));
+    assert!(sys.position("close 12") < sys.position("wait_signal"));
     assert_eq!(sys.position("kill 2 15"), sys.position("wait_signal") + 1, "SIGTERM is forwarded");
     // Started, then Exited with the raw status.
     let started = sys.position("write 101 [1, 0, 0, 0");

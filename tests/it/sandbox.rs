@@ -585,8 +585,10 @@ crate::rootless_test! {
         assert_eq!(running.wait().unwrap(), ExitStatus::Exited(0));
         drop(reader);
         assert!(!fds.contains(&format!("pipe:[{inode}]")), "launcher holds: {fds:?}");
-        // 0-2, the two channel ends, and the workload's three stdio sources.
-        assert_eq!(fds.len(), 8, "launcher holds: {fds:?}");
+        // 0-2 and the two channel ends; the workload's stdio sources were
+        // closed once it started.
+        assert_eq!(fds.len(), 5, "launcher holds: {fds:?}");
+        assert!(!fds.iter().any(|fd| fd.ends_with("/log")), "launcher holds: {fds:?}");
     }
 }
 
@@ -622,5 +624,22 @@ crate::rootless_test! {
             case.log_text(),
             "65532\n65532\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n"
         );
+    }
+}
+
+crate::rootless_test! {
+    fn sandbox_output_pipe_reaches_eof_when_the_workload_is_done() {
+        use std::io::Read;
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let case = Case::new();
+        let mut spec = case.spec("echo from-the-workload");
+        spec.stdio.stdout = StdioSource::Fd(OwnedFd::from(writer));
+        let running = Sandbox::new().spawn(&spec).unwrap();
+        drop(spec); // the caller's copy of the write end
+        // The launcher runs until wait(); EOF must not depend on it.
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "from-the-workload\n");
+        assert_eq!(running.wait().unwrap(), ExitStatus::Exited(0));
     }
 }
