@@ -3,7 +3,8 @@
 //! The library holds everything; `main.rs` only calls [`cli::main`]. Data flows
 //! recipe → [`recipe`] model → [`graph`] → [`key`] → builds → store → images.
 //! Nothing in the library reads the clock, the environment, the uid or the
-//! hostname: the CLI edge resolves those and passes them in.
+//! hostname: the CLI edge resolves those and passes them in. The only `unsafe`
+//! code is the sandbox's syscall layer, `sandbox/sys.rs`.
 
 #![deny(unsafe_code)]
 
@@ -13,4 +14,5 @@ pub mod graph;
 pub mod key;
 pub mod platform;
 pub mod recipe;
+pub mod sandbox;
 pub mod tool;

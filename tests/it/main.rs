@@ -7,3 +7,4 @@ mod graph;
 mod keys;
 mod recipe;
 mod rootless;
+mod sandbox;

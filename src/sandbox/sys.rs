@@ -1,0 +1,428 @@
+//! The one file of pkg that talks to the kernel directly.
+//!
+//! Everything the sandbox asks of the kernel goes through the [`Syscall`]
+//! trait: [`LinuxSyscall`] is the real implementation, and the unit tests use a
+//! recording double, so the namespace and mount logic is testable without
+//! privileges. This module is the only place with `unsafe` code.
+//!
+//! Invariant for every method of [`LinuxSyscall`]: it must not allocate, lock
+//! or otherwise touch process-global state beyond the system call itself. The
+//! sandbox calls them in a child cloned from a possibly multi-threaded
+//! process, where another thread may have held the allocator's lock at the
+//! time of the clone: only async-signal-safe operations are allowed there.
+//! Paths and argument vectors therefore arrive as prepared `&CStr` and
+//! [`CStringArray`] values.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, c_char, c_int};
+use std::os::fd::{OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigSet, SigmaskHow};
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Pid, Uid};
+
+/// The result of one system call.
+pub type SysResult<T> = Result<T, Errno>;
+
+/// A NULL-terminated array of C strings, prepared before any fork so that
+/// `execve` can be called without allocating.
+pub struct CStringArray {
+    // The pointers point into the heap buffers of `strings`, which never move
+    // or change while `self` lives (they are never mutated after `new`).
+    strings: Vec<CString>,
+    pointers: Vec<*const c_char>,
+}
+
+impl CStringArray {
+    pub fn new(strings: Vec<CString>) -> Self {
+        let mut pointers: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+        pointers.push(std::ptr::null());
+        CStringArray { strings, pointers }
+    }
+
+    pub fn strings(&self) -> &[CString] {
+        &self.strings
+    }
+
+    fn as_ptr(&self) -> *const *const c_char {
+        self.pointers.as_ptr()
+    }
+}
+
+impl std::fmt::Debug for CStringArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.strings).finish()
+    }
+}
+
+/// A signal taken from the pending set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceivedSignal {
+    pub signal: c_int,
+    /// Sent by the kernel itself (`SI_KERNEL`), e.g. the terminal's
+    /// SIGINT to its whole foreground process group, rather than by `kill`.
+    pub from_kernel: bool,
+}
+
+/// What a fork-like clone returned in the calling process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    Parent { child: Pid },
+    Child,
+}
+
+/// Every kernel operation the sandbox performs.
+pub trait Syscall {
+    // --- filesystem plan (the launcher, before the workload starts) ---
+    fn mount(
+        &self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: MsFlags,
+        data: Option<&CStr>,
+    ) -> SysResult<()>;
+    /// Makes the mount at `target` and every mount below it read-only,
+    /// keeping their other (possibly locked) flags.
+    fn set_read_only(&self, target: &CStr) -> SysResult<()>;
+    fn umount(&self, target: &CStr, flags: MntFlags) -> SysResult<()>;
+    fn mkdir(&self, path: &CStr, mode: u32) -> SysResult<()>;
+    /// Creates an empty regular file unless something exists at `path`.
+    fn touch(&self, path: &CStr) -> SysResult<()>;
+    fn symlink(&self, target: &CStr, link: &CStr) -> SysResult<()>;
+    fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> SysResult<()>;
+    fn chdir(&self, path: &CStr) -> SysResult<()>;
+    fn sethostname(&self, name: &CStr) -> SysResult<()>;
+    /// Brings the loopback interface of the current network namespace up.
+    fn loopback_up(&self) -> SysResult<()>;
+    fn set_no_new_privs(&self) -> SysResult<()>;
+    fn umask(&self, mode: u32);
+
+    // --- the workload, between fork and exec ---
+    /// Drops supplementary groups and switches real, effective and saved ids.
+    fn set_credentials(&self, uid: u32, gid: u32, drop_groups: bool) -> SysResult<()>;
+    fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()>;
+    /// Default disposition for every catchable signal (the mask is untouched).
+    fn reset_signal_handlers(&self);
+    /// Marks every descriptor from `first` up close-on-exec.
+    fn cloexec_from(&self, first: RawFd) -> SysResult<()>;
+    /// Replaces the process image; returns only on failure.
+    fn execve(&self, path: &CStr, argv: &CStringArray, envp: &CStringArray) -> Errno;
+
+    // --- processes and the handshake ---
+    /// A fork-like `clone` into the namespaces in `flags`, without running
+    /// the C library's fork handlers (which take the allocator's locks).
+    /// The child may only make async-signal-safe calls until it execs or exits.
+    fn clone_process(&self, flags: CloneFlags) -> SysResult<Forked>;
+    /// A close-on-exec pipe: (read end, write end).
+    fn pipe(&self) -> SysResult<(OwnedFd, OwnedFd)>;
+    fn close(&self, fd: RawFd);
+    /// Closes every descriptor from `first` to `last` (inclusive), if any.
+    fn close_range(&self, first: RawFd, last: RawFd);
+    fn read(&self, fd: RawFd, buf: &mut [u8]) -> SysResult<usize>;
+    fn write(&self, fd: RawFd, buf: &[u8]) -> SysResult<usize>;
+    fn kill(&self, pid: Pid, signal: c_int) -> SysResult<()>;
+    /// Waits for a signal of `set` (which must be blocked) and returns it.
+    fn wait_signal(&self, set: &SigSet) -> SysResult<ReceivedSignal>;
+    /// Starts a new session (and process group) without a controlling terminal.
+    fn new_session(&self) -> SysResult<()>;
+    /// `waitpid(pid, WNOHANG?)`: `Ok(None)` when nothing is ready.
+    fn wait_pid(&self, pid: Pid, nohang: bool) -> SysResult<Option<(Pid, c_int)>>;
+    fn sigmask(&self, how: SigmaskHow, set: &SigSet, old: Option<&mut SigSet>) -> SysResult<()>;
+    /// Ends the calling process at once, without running any destructor.
+    fn exit(&self, code: c_int) -> !;
+}
+
+/// The real kernel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxSyscall;
+
+fn check(ret: c_int) -> SysResult<()> {
+    if ret == -1 { Err(Errno::last()) } else { Ok(()) }
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: c_int = 0x8000;
+
+impl Syscall for LinuxSyscall {
+    fn mount(
+        &self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: MsFlags,
+        data: Option<&CStr>,
+    ) -> SysResult<()> {
+        // nix passes `&CStr` arguments straight through without copying.
+        nix::mount::mount(source, target, fstype, flags, data)
+    }
+
+    fn set_read_only(&self, target: &CStr) -> SysResult<()> {
+        let attr =
+            MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+        // SAFETY: `target` is a valid NUL-terminated string and `attr` a
+        // properly laid out `struct mount_attr` whose size we pass; the kernel
+        // only reads both during the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                AT_RECURSIVE as libc::c_uint,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if ret == -1 { Err(Errno::last()) } else { Ok(()) }
+    }
+
+    fn umount(&self, target: &CStr, flags: MntFlags) -> SysResult<()> {
+        nix::mount::umount2(target, flags)
+    }
+
+    fn mkdir(&self, path: &CStr, mode: u32) -> SysResult<()> {
+        nix::unistd::mkdir(path, Mode::from_bits_truncate(mode))
+    }
+
+    fn touch(&self, path: &CStr) -> SysResult<()> {
+        // SAFETY: `path` is a valid NUL-terminated string; the returned
+        // descriptor is owned here and closed right away.
+        let fd = unsafe {
+            libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC, 0o644)
+        };
+        if fd == -1 {
+            return Err(Errno::last());
+        }
+        self.close(fd);
+        Ok(())
+    }
+
+    fn symlink(&self, target: &CStr, link: &CStr) -> SysResult<()> {
+        nix::unistd::symlinkat(target, nix::fcntl::AT_FDCWD, link)
+    }
+
+    fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> SysResult<()> {
+        nix::unistd::pivot_root(new_root, put_old)
+    }
+
+    fn chdir(&self, path: &CStr) -> SysResult<()> {
+        nix::unistd::chdir(path)
+    }
+
+    fn sethostname(&self, name: &CStr) -> SysResult<()> {
+        let bytes = name.to_bytes();
+        // SAFETY: the pointer and length describe `name`'s bytes, which the
+        // kernel copies during the call.
+        check(unsafe { libc::sethostname(bytes.as_ptr().cast(), bytes.len()) })
+    }
+
+    fn loopback_up(&self) -> SysResult<()> {
+        // SAFETY: a plain socket call; the descriptor is closed below.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock == -1 {
+            return Err(Errno::last());
+        }
+        // SAFETY: `ifreq` is plain old data, valid when zeroed.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as c_char;
+        }
+        // SAFETY: `req` is a valid `ifreq` naming an interface; the kernel
+        // fills in `ifru_flags` for SIOCGIFFLAGS and reads it for SIOCSIFFLAGS.
+        let result = unsafe {
+            check(libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut req)).and_then(|()| {
+                req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+                check(libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &req))
+            })
+        };
+        self.close(sock);
+        result
+    }
+
+    fn set_no_new_privs(&self) -> SysResult<()> {
+        nix::sys::prctl::set_no_new_privs()
+    }
+
+    fn umask(&self, mode: u32) {
+        nix::sys::stat::umask(Mode::from_bits_truncate(mode));
+    }
+
+    fn set_credentials(&self, uid: u32, gid: u32, drop_groups: bool) -> SysResult<()> {
+        if drop_groups {
+            nix::unistd::setgroups(&[])?;
+        }
+        nix::unistd::setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))?;
+        nix::unistd::setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
+    }
+
+    fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()> {
+        // SAFETY: dup2 only manipulates the descriptor table; `to` is one of
+        // the standard descriptors the workload is meant to own.
+        check(unsafe { libc::dup2(from, to) })
+    }
+
+    fn reset_signal_handlers(&self) {
+        for signal in 1..=libc::SIGRTMAX() {
+            if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+                continue;
+            }
+            // SAFETY: SIG_DFL is always a valid disposition; signals the C
+            // library reserves for itself fail with EINVAL, which we ignore.
+            unsafe { libc::signal(signal, libc::SIG_DFL) };
+        }
+    }
+
+    fn cloexec_from(&self, first: RawFd) -> SysResult<()> {
+        // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it only
+        // sets a flag on descriptors.
+        check(unsafe {
+            libc::close_range(
+                first as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as c_int,
+            )
+        })
+    }
+
+    fn execve(&self, path: &CStr, argv: &CStringArray, envp: &CStringArray) -> Errno {
+        // SAFETY: `path` is NUL-terminated and both arrays are NULL-terminated
+        // arrays of pointers to NUL-terminated strings that outlive the call.
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        Errno::last()
+    }
+
+    fn clone_process(&self, flags: CloneFlags) -> SysResult<Forked> {
+        let flags = flags.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+        // SAFETY: without CLONE_VM and with a NULL stack, clone behaves like
+        // fork: the child gets a copy of the address space and continues here
+        // on its own copy of the stack. The raw syscall skips the C library's
+        // fork handlers on purpose (see the trait documentation); the callers
+        // in launcher.rs keep the child async-signal-safe. Every other
+        // argument is zero, so the architecture-specific argument order only
+        // matters on s390x, which swaps the first two.
+        #[cfg(not(target_arch = "s390x"))]
+        let ret = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+        // SAFETY: as above.
+        #[cfg(target_arch = "s390x")]
+        let ret = unsafe { libc::syscall(libc::SYS_clone, 0usize, flags, 0usize, 0usize, 0usize) };
+        match ret {
+            -1 => Err(Errno::last()),
+            0 => Ok(Forked::Child),
+            pid => Ok(Forked::Parent { child: Pid::from_raw(pid as libc::pid_t) }),
+        }
+    }
+
+    fn pipe(&self) -> SysResult<(OwnedFd, OwnedFd)> {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+    }
+
+    fn close(&self, fd: RawFd) {
+        // SAFETY: callers pass descriptors they own and never use again.
+        unsafe { libc::close(fd) };
+    }
+
+    fn close_range(&self, first: RawFd, last: RawFd) {
+        // SAFETY: callers only pass ranges of descriptors they own and no
+        // longer use; close_range touches nothing but the descriptor table.
+        unsafe { libc::close_range(first as libc::c_uint, last as libc::c_uint, 0) };
+    }
+
+    fn read(&self, fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
+        loop {
+            // SAFETY: the pointer and length describe `buf`, writable for the call.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            match n {
+                -1 if Errno::last() == Errno::EINTR => continue,
+                -1 => return Err(Errno::last()),
+                n => return Ok(n as usize),
+            }
+        }
+    }
+
+    fn write(&self, fd: RawFd, buf: &[u8]) -> SysResult<usize> {
+        loop {
+            // SAFETY: the pointer and length describe `buf`, readable for the call.
+            let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+            match n {
+                -1 if Errno::last() == Errno::EINTR => continue,
+                -1 => return Err(Errno::last()),
+                n => return Ok(n as usize),
+            }
+        }
+    }
+
+    fn kill(&self, pid: Pid, signal: c_int) -> SysResult<()> {
+        // SAFETY: kill has no memory effects in this process.
+        check(unsafe { libc::kill(pid.as_raw(), signal) })
+    }
+
+    fn wait_signal(&self, set: &SigSet) -> SysResult<ReceivedSignal> {
+        loop {
+            // SAFETY: `siginfo_t` is plain old data, valid when zeroed.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `set` is a valid sigset_t and `info` a writable siginfo_t.
+            let n = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
+            match n {
+                -1 if Errno::last() == Errno::EINTR => continue,
+                -1 => return Err(Errno::last()),
+                n => {
+                    return Ok(ReceivedSignal {
+                        signal: n,
+                        from_kernel: info.si_code == libc::SI_KERNEL,
+                    });
+                }
+            }
+        }
+    }
+
+    fn new_session(&self) -> SysResult<()> {
+        nix::unistd::setsid().map(drop)
+    }
+
+    fn wait_pid(&self, pid: Pid, nohang: bool) -> SysResult<Option<(Pid, c_int)>> {
+        let mut status: c_int = 0;
+        let options = if nohang { libc::WNOHANG } else { 0 } | libc::__WALL;
+        loop {
+            // SAFETY: `status` is a valid out-pointer for the call.
+            let ret = unsafe { libc::waitpid(pid.as_raw(), &mut status, options) };
+            match ret {
+                -1 if Errno::last() == Errno::EINTR => continue,
+                -1 => return Err(Errno::last()),
+                0 => return Ok(None),
+                pid => return Ok(Some((Pid::from_raw(pid), status))),
+            }
+        }
+    }
+
+    fn sigmask(&self, how: SigmaskHow, set: &SigSet, old: Option<&mut SigSet>) -> SysResult<()> {
+        nix::sys::signal::pthread_sigmask(how, Some(set), old)
+    }
+
+    fn exit(&self, code: c_int) -> ! {
+        // SAFETY: _exit ends the process without running atexit handlers or
+        // destructors, which is what a forked child must do.
+        unsafe { libc::_exit(code) }
+    }
+}
+
+/// How a process ended, from its raw `waitpid` status.
+pub fn decode_wait_status(status: c_int) -> super::ExitStatus {
+    if libc::WIFSIGNALED(status) {
+        super::ExitStatus::Signaled(libc::WTERMSIG(status))
+    } else {
+        super::ExitStatus::Exited(libc::WEXITSTATUS(status))
+    }
+}

@@ -1,0 +1,557 @@
+//! Unit tests of the launcher's plan and protocol with a recording
+//! [`Syscall`] double: no privileges, no processes, only the order of
+//! operations.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::ffi::{CStr, c_int};
+use std::os::fd::{OwnedFd, RawFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigSet, SigmaskHow};
+use nix::unistd::Pid;
+
+use super::channel::LauncherEnd;
+use super::launcher::{self, Launch, launcher_signals};
+use super::plan::{HostSource, Plan, SourceKind, Step, run_steps};
+use super::sys::{CStringArray, Forked, ReceivedSignal, SysResult, Syscall};
+use super::*;
+
+/// Records every call as one line of text; scripted answers for the calls
+/// that return data; `fail` makes the first call starting with a prefix fail.
+#[derive(Default)]
+struct Recorder {
+    calls: RefCell<Vec<String>>,
+    fail: Option<(&'static str, Errno)>,
+    reads: RefCell<VecDeque<Vec<u8>>>,
+    signals: RefCell<VecDeque<ReceivedSignal>>,
+    waits: RefCell<VecDeque<Option<(i32, c_int)>>>,
+    exec_errors: Vec<(&'static str, Errno)>,
+}
+
+/// What `Recorder::exit` unwinds with, standing in for the end of a process.
+#[derive(Debug, PartialEq)]
+struct Exited(c_int);
+
+/// `MsFlags(MS_BIND | MS_REC)` → `MS_BIND | MS_REC`.
+fn bits(flags: impl std::fmt::Debug) -> String {
+    let debug = format!("{flags:?}");
+    let inner = debug.split_once('(').map_or(debug.as_str(), |(_, rest)| rest);
+    inner.trim_end_matches(')').to_string()
+}
+
+fn text(c: &CStr) -> String {
+    c.to_string_lossy().into_owned()
+}
+
+impl Recorder {
+    fn record(&self, call: String) -> SysResult<()> {
+        let failure = self.fail.filter(|(prefix, _)| call.starts_with(prefix));
+        self.calls.borrow_mut().push(call);
+        match failure {
+            Some((_, errno)) => Err(errno),
+            None => Ok(()),
+        }
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.borrow().clone()
+    }
+
+    fn position(&self, prefix: &str) -> usize {
+        self.calls()
+            .iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no call `{prefix}…` in {:#?}", self.calls()))
+    }
+}
+
+impl Syscall for Recorder {
+    fn mount(
+        &self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: MsFlags,
+        data: Option<&CStr>,
+    ) -> SysResult<()> {
+        self.record(format!(
+            "mount {} {} {} {} {}",
+            source.map_or("-".into(), text),
+            text(target),
+            fstype.map_or("-".into(), text),
+            bits(flags),
+            data.map_or("-".into(), text)
+        ))
+    }
+    fn set_read_only(&self, target: &CStr) -> SysResult<()> {
+        self.record(format!("read-only {}", text(target)))
+    }
+    fn umount(&self, target: &CStr, flags: MntFlags) -> SysResult<()> {
+        self.record(format!("umount {} {}", text(target), bits(flags)))
+    }
+    fn mkdir(&self, path: &CStr, mode: u32) -> SysResult<()> {
+        self.record(format!("mkdir {} {mode:o}", text(path)))
+    }
+    fn touch(&self, path: &CStr) -> SysResult<()> {
+        self.record(format!("touch {}", text(path)))
+    }
+    fn symlink(&self, target: &CStr, link: &CStr) -> SysResult<()> {
+        self.record(format!("symlink {} -> {}", text(link), text(target)))
+    }
+    fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> SysResult<()> {
+        self.record(format!("pivot_root {} {}", text(new_root), text(put_old)))
+    }
+    fn chdir(&self, path: &CStr) -> SysResult<()> {
+        self.record(format!("chdir {}", text(path)))
+    }
+    fn sethostname(&self, name: &CStr) -> SysResult<()> {
+        self.record(format!("sethostname {}", text(name)))
+    }
+    fn loopback_up(&self) -> SysResult<()> {
+        self.record("loopback_up".into())
+    }
+    fn set_no_new_privs(&self) -> SysResult<()> {
+        self.record("no_new_privs".into())
+    }
+    fn umask(&self, mode: u32) {
+        let _ = self.record(format!("umask {mode:03o}"));
+    }
+    fn set_credentials(&self, uid: u32, gid: u32, drop_groups: bool) -> SysResult<()> {
+        self.record(format!("credentials {uid}:{gid} drop_groups={drop_groups}"))
+    }
+    fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()> {
+        self.record(format!("dup2 {from} {to}"))
+    }
+    fn reset_signal_handlers(&self) {
+        let _ = self.record("reset_signal_handlers".into());
+    }
+    fn cloexec_from(&self, first: RawFd) -> SysResult<()> {
+        self.record(format!("cloexec_from {first}"))
+    }
+    fn execve(&self, path: &CStr, argv: &CStringArray, envp: &CStringArray) -> Errno {
+        let _ = self.record(format!("execve {} {:?} {:?}", text(path), argv, envp));
+        let path = text(path);
+        self.exec_errors.iter().find(|(p, _)| *p == path).map_or(Errno::ENOENT, |(_, e)| *e)
+    }
+    fn clone_process(&self, flags: CloneFlags) -> SysResult<Forked> {
+        self.record(format!("clone {flags:?}"))?;
+        Ok(Forked::Parent { child: Pid::from_raw(2) })
+    }
+    fn pipe(&self) -> SysResult<(OwnedFd, OwnedFd)> {
+        self.record("pipe".into())?;
+        // Real descriptors, so the launcher may turn them into raw ones.
+        nix::unistd::pipe()
+    }
+    fn close(&self, fd: RawFd) {
+        let _ = self.record(format!("close {fd}"));
+    }
+    fn close_range(&self, first: RawFd, last: RawFd) {
+        let _ = self.record(format!("close_range {first} {last}"));
+    }
+    fn read(&self, fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
+        self.record(format!("read {fd}"))?;
+        let data = self.reads.borrow_mut().pop_front().unwrap_or_default();
+        buf[..data.len()].copy_from_slice(&data);
+        Ok(data.len())
+    }
+    fn write(&self, fd: RawFd, buf: &[u8]) -> SysResult<usize> {
+        self.record(format!("write {fd} {buf:?}"))?;
+        Ok(buf.len())
+    }
+    fn kill(&self, pid: Pid, signal: c_int) -> SysResult<()> {
+        self.record(format!("kill {pid} {signal}"))
+    }
+    fn wait_signal(&self, _set: &SigSet) -> SysResult<ReceivedSignal> {
+        self.record("wait_signal".into())?;
+        Ok(self.signals.borrow_mut().pop_front().expect("scripted signal"))
+    }
+    fn new_session(&self) -> SysResult<()> {
+        self.record("setsid".into())
+    }
+    fn wait_pid(&self, pid: Pid, nohang: bool) -> SysResult<Option<(Pid, c_int)>> {
+        self.record(format!("wait_pid {pid} nohang={nohang}"))?;
+        match self.waits.borrow_mut().pop_front() {
+            Some(Some((pid, status))) => Ok(Some((Pid::from_raw(pid), status))),
+            Some(None) => Ok(None),
+            None => Err(Errno::ECHILD),
+        }
+    }
+    fn sigmask(&self, how: SigmaskHow, _set: &SigSet, _old: Option<&mut SigSet>) -> SysResult<()> {
+        self.record(format!("sigmask {how:?}"))
+    }
+    fn exit(&self, code: c_int) -> ! {
+        let _ = self.record(format!("exit {code}"));
+        std::panic::panic_any(Exited(code))
+    }
+}
+
+fn fake_kinds(path: &Path) -> std::io::Result<HostSource> {
+    let kind = if path.extension().is_some() { SourceKind::File } else { SourceKind::Directory };
+    // A host symlink the caller resolved: the plan mounts its target.
+    let path = if path == Path::new("/lib64") { "/usr/lib64".into() } else { path.to_path_buf() };
+    Ok(HostSource { path, kind })
+}
+
+fn build_spec() -> SandboxSpec {
+    let mut spec = SandboxSpec::new(
+        IdMapping::single(0, 0, 1000, 1000),
+        vec!["sh".into(), "-c".into(), "make".into()],
+    );
+    spec.mounts = vec![
+        Mount::bind_rw("/home/u/out", "/out"),
+        Mount::tmpfs("/tmp"),
+        Mount::bind_ro("/usr", "/usr"),
+        Mount::bind_ro("/usr/lib/x86_64", "/usr/lib/x86_64"),
+        Mount::bind_rw("/home/u/src-copy", "/src"),
+        Mount::bind_ro("/etc/resolv.conf", "/etc/resolv.conf"),
+        Mount::bind_ro("/lib64", "/lib64"),
+    ];
+    spec.hostname = Some("pkg".into());
+    spec.cwd = "/src".into();
+    spec.env = vec![("PATH".into(), "/usr/bin:/bin".into())];
+    spec
+}
+
+fn plan(spec: &SandboxSpec) -> Plan {
+    Plan::new(spec, &fake_kinds).unwrap()
+}
+
+fn recorded(steps: &[Step]) -> Recorder {
+    let sys = Recorder::default();
+    run_steps(&sys, steps).unwrap();
+    sys
+}
+
+#[test]
+fn setup_order_keeps_the_invariants() {
+    let sys = recorded(&plan(&build_spec()).steps);
+    let calls = sys.calls();
+    assert_eq!(calls[0], "umask 022");
+    assert_eq!(calls[1], "mount - / - MS_REC | MS_PRIVATE -", "propagation is private first");
+    let first_pivot = sys.position("pivot_root /tmp /tmp/oldroot");
+    let detach_old = sys.position("umount /oldroot MNT_DETACH");
+    let final_pivot = sys.position("pivot_root . .");
+    let last_mount =
+        calls.iter().rposition(|c| c.starts_with("mount ") || c.starts_with("read-only ")).unwrap();
+    assert!(first_pivot < detach_old && last_mount < final_pivot && detach_old < final_pivot);
+    // Host paths are only read while the host root is attached…
+    let last_host_read = calls.iter().rposition(|c| c.contains(" /oldroot/")).unwrap();
+    assert!(last_host_read < detach_old);
+    // …and nothing is created inside the new root then, except the
+    // top-level /proc and /dev, so image symlinks cannot lead to host files.
+    for call in &calls[..detach_old] {
+        if call.starts_with("mkdir /newroot") || call.starts_with("touch /newroot") {
+            let path = call.split(' ').nth(1).unwrap();
+            assert!(path == "/newroot/proc" || path.starts_with("/newroot/dev"), "{call}");
+        }
+    }
+    assert_eq!(calls[final_pivot - 1], "chdir /newroot");
+    assert_eq!(calls[final_pivot + 1], "umount . MNT_DETACH", "the staging root is dropped");
+    assert_eq!(calls[final_pivot + 2], "chdir /");
+    // Every mount after the first pivot targets the new root or staging paths.
+    for call in calls[first_pivot..detach_old].iter().filter(|c| c.starts_with("mount ")) {
+        let target = call.split(' ').nth(2).unwrap();
+        assert!(
+            ["/newroot", "/layers/", "/staged/"].iter().any(|p| target.starts_with(p)),
+            "{call}"
+        );
+    }
+    // After the final pivot: hostname, loopback, cwd, umask, no_new_privs.
+    assert_eq!(
+        &calls[final_pivot + 3..],
+        ["sethostname pkg", "loopback_up", "chdir /src", "umask 022", "no_new_privs"]
+    );
+}
+
+#[test]
+fn binds_read_host_paths_through_the_old_root_and_read_only_ones_are_sealed() {
+    let sys = recorded(&plan(&build_spec()).steps);
+    let calls = sys.calls();
+    // Each source is staged from the host root, then bound to its target.
+    let staged = |source: &str| {
+        let call = &calls[sys.position(&format!("mount /oldroot{source} /staged/"))];
+        call.split(' ').nth(2).unwrap().to_string()
+    };
+    let usr = sys.position(&format!("mount {} /newroot/usr - MS_BIND | MS_REC", staged("/usr")));
+    assert_eq!(calls[usr + 1], "read-only /newroot/usr");
+    let out =
+        sys.position(&format!("mount {} /newroot/out - MS_BIND | MS_REC", staged("/home/u/out")));
+    assert!(!calls[out + 1].starts_with("read-only"), "a read-write bind stays writable");
+    // The caller resolved the /lib64 symlink: its target is mounted.
+    sys.position(&format!("mount {} /newroot/lib64", staged("/usr/lib64")));
+    // Parents before children, whatever the spec's order.
+    let lib = staged("/usr/lib/x86_64");
+    assert!(usr < sys.position(&format!("mount {lib} /newroot/usr/lib/x86_64")));
+    // A file source gets a file mount point, staged and in place; its parents are directories.
+    let resolv = staged("/etc/resolv.conf");
+    assert!(
+        sys.position(&format!("touch {resolv}")) < sys.position("mount /oldroot/etc/resolv.conf")
+    );
+    let etc = sys.position("mkdir /newroot/etc 755");
+    assert!(etc < sys.position("touch /newroot/etc/resolv.conf"));
+    assert!(
+        sys.position("touch /newroot/etc/resolv.conf")
+            < sys.position(&format!("mount {resolv} /newroot/etc/resolv.conf"))
+    );
+}
+
+#[test]
+fn proc_and_dev_are_fresh() {
+    let sys = recorded(&plan(&build_spec()).steps);
+    sys.position("mount proc /newroot/proc proc MS_NOSUID | MS_NODEV | MS_NOEXEC -");
+    sys.position("mount tmpfs /newroot/dev tmpfs MS_NOSUID | MS_NOEXEC mode=0755");
+    for device in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let touch = sys.position(&format!("touch /newroot/dev/{device}"));
+        let bind =
+            sys.position(&format!("mount /oldroot/dev/{device} /newroot/dev/{device} - MS_BIND -"));
+        assert!(touch < bind);
+    }
+    sys.position("mount devpts /newroot/dev/pts devpts MS_NOSUID | MS_NOEXEC newinstance,");
+    sys.position("mount tmpfs /newroot/dev/shm tmpfs");
+    sys.position("symlink /newroot/dev/ptmx -> pts/ptmx");
+    sys.position("symlink /newroot/dev/fd -> /proc/self/fd");
+}
+
+#[test]
+fn overlay_root_stacks_layers_topmost_first_over_a_tmpfs_upper() {
+    let mut spec = build_spec();
+    spec.root = RootFs::Overlay { layers: vec!["/store/base".into(), "/store/app".into()] };
+    let sys = recorded(&plan(&spec).steps);
+    let base = sys.position("mount /oldroot/store/base /layers/0 - MS_BIND | MS_REC");
+    let app = sys.position("mount /oldroot/store/app /layers/1 - MS_BIND | MS_REC");
+    let overlay = sys.position(
+        "mount overlay /newroot overlay MS_NOSUID | MS_NODEV \
+         lowerdir=/layers/1:/layers/0,upperdir=/upper,workdir=/work",
+    );
+    assert!(base < overlay && app < overlay);
+    assert!(sys.position("mkdir /upper") < overlay && sys.position("mkdir /work") < overlay);
+    assert!(overlay < sys.position("mount proc /newroot/proc"));
+}
+
+#[test]
+fn network_choice_decides_the_namespace_and_loopback() {
+    let none = plan(&build_spec());
+    assert!(none.clone_flags.contains(CloneFlags::CLONE_NEWNET));
+    assert!(none.steps.contains(&Step::LoopbackUp));
+    let mut spec = build_spec();
+    spec.network = Network::Host;
+    let host = plan(&spec);
+    assert!(!host.clone_flags.contains(CloneFlags::CLONE_NEWNET));
+    assert!(!host.steps.contains(&Step::LoopbackUp));
+    for flag in [
+        CloneFlags::CLONE_NEWUSER,
+        CloneFlags::CLONE_NEWNS,
+        CloneFlags::CLONE_NEWPID,
+        CloneFlags::CLONE_NEWUTS,
+        CloneFlags::CLONE_NEWIPC,
+    ] {
+        assert!(host.clone_flags.contains(flag) && none.clone_flags.contains(flag));
+    }
+}
+
+#[test]
+fn a_failing_step_stops_the_setup_and_names_its_index() {
+    let steps = plan(&build_spec()).steps;
+    let sys = Recorder { fail: Some(("pivot_root", Errno::EINVAL)), ..Recorder::default() };
+    let failure = run_steps(&sys, &steps).unwrap_err();
+    assert_eq!(failure.errno, Errno::EINVAL);
+    assert!(matches!(steps[failure.index], Step::PivotRoot { .. }));
+    assert!(sys.calls().last().unwrap().starts_with("pivot_root"), "nothing runs after a failure");
+    // An existing directory is not a failure.
+    let sys = Recorder { fail: Some(("mkdir", Errno::EEXIST)), ..Recorder::default() };
+    run_steps(&sys, &steps).unwrap();
+}
+
+#[test]
+fn invalid_specs_are_refused_before_anything_runs() {
+    let refuse = |edit: &dyn Fn(&mut SandboxSpec)| {
+        let mut spec = build_spec();
+        edit(&mut spec);
+        match Plan::new(&spec, &fake_kinds) {
+            Err(SandboxError::InvalidSpec(msg)) => msg,
+            other => panic!("accepted: {other:?}"),
+        }
+    };
+    assert!(refuse(&|s| s.mounts.push(Mount::tmpfs("relative"))).contains("not an absolute path"));
+    assert!(refuse(&|s| s.mounts.push(Mount::bind_ro("/usr", "/a/../../etc"))).contains("`..`"));
+    assert!(refuse(&|s| s.mounts.push(Mount::bind_ro("usr", "/usr"))).contains("mount source"));
+    assert!(refuse(&|s| s.argv.clear()).contains("empty"));
+    assert!(refuse(&|s| s.env.push(("A=B".into(), "c".into()))).contains("`A=B`"));
+    assert!(refuse(&|s| s.env.push(("A".into(), "c\0".into()))).contains("NUL"));
+    assert!(
+        refuse(&|s| s.root = RootFs::Overlay { layers: vec![] }).contains("at least one layer")
+    );
+}
+
+#[test]
+fn bare_program_names_are_searched_in_the_given_path() {
+    let p = plan(&build_spec());
+    let candidates: Vec<String> = p.exec.candidates.iter().map(|c| text(c)).collect();
+    assert_eq!(candidates, ["/usr/bin/sh", "/bin/sh"]);
+    let mut spec = build_spec();
+    spec.env.clear();
+    spec.argv = vec!["./configure".into()];
+    let p = plan(&spec);
+    assert_eq!(p.exec.candidates.len(), 1);
+    assert_eq!(text(&p.exec.candidates[0]), "./configure");
+}
+
+#[test]
+fn exec_goes_on_after_enoent_remembers_eacces_and_stops_at_other_errors() {
+    let mut spec = build_spec();
+    spec.env = vec![("PATH".into(), "/a:/b:/c".into())];
+    let p = plan(&spec);
+    let sys = Recorder { exec_errors: vec![("/b/sh", Errno::EACCES)], ..Recorder::default() };
+    assert_eq!(launcher::exec_first(&sys, &p.exec), Errno::EACCES);
+    assert_eq!(sys.calls().len(), 3);
+    let sys = Recorder { exec_errors: vec![("/a/sh", Errno::ENOEXEC)], ..Recorder::default() };
+    assert_eq!(launcher::exec_first(&sys, &p.exec), Errno::ENOEXEC);
+    assert_eq!(sys.calls().len(), 1);
+    assert_eq!(launcher::exec_first(&Recorder::default(), &p.exec), Errno::ENOENT);
+}
+
+#[test]
+fn workload_switches_user_then_redirects_stdio_then_resets_signals() {
+    let mut spec = build_spec();
+    spec.user = Some((65532, 65532));
+    spec.new_session = true;
+    let p = plan(&spec);
+    let sys = Recorder::default();
+    launcher::prepare_workload(&sys, &p.exec, [Some(10), None, Some(12)]).unwrap();
+    assert_eq!(
+        sys.calls(),
+        [
+            "setsid",
+            "credentials 65532:65532 drop_groups=false",
+            "dup2 10 0",
+            "dup2 12 2",
+            "cloexec_from 3",
+            "reset_signal_handlers",
+            "sigmask SIG_SETMASK"
+        ]
+    );
+}
+
+fn run_launcher(sys: &Recorder, plan: &Plan) -> c_int {
+    let signals = launcher_signals();
+    let launch = Launch {
+        plan,
+        channel: LauncherEnd { from_caller: 100, to_caller: 101 },
+        stdio: [Some(10), None, Some(12)],
+        setup_only: false,
+        signals: &signals,
+    };
+    let result = catch_unwind(AssertUnwindSafe(|| launcher::launcher_main(sys, &launch)));
+    match result {
+        Err(payload) => payload.downcast::<Exited>().expect("the launcher only ends by exit").0,
+    }
+}
+
+#[test]
+fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
+    let p = plan(&build_spec());
+    let sys = Recorder::default();
+    sys.reads.borrow_mut().extend([vec![1u8], vec![]]); // mapping ack, then exec EOF
+    sys.signals.borrow_mut().extend([
+        by_kill(15),
+        by_kill(libc_sigchld()),
+        by_kill(libc_sigchld()),
+    ]);
+    // An orphan (pid 7) is reaped first; the workload (pid 2) exits 3 later.
+    sys.waits.borrow_mut().extend([Some((7, 0)), None, Some((2, 3 << 8))]);
+    assert_eq!(run_launcher(&sys, &p), 3);
+    let calls = sys.calls();
+    assert_eq!(
+        &calls[..6],
+        [
+            "close_range 3 9",
+            "close_range 11 11",
+            "close_range 13 99",
+            "close_range 102 2147483647",
+            "reset_signal_handlers",
+            "read 100"
+        ]
+    );
+    assert!(sys.position("read 100") < sys.position("mount "), "no setup before the mapping");
+    assert!(sys.position("no_new_privs") < sys.position("clone"));
+    // The launcher keeps no copy of the workload's stdio once it runs.
+    assert!(sys.position("clone") < sys.position("close 10"));
+    assert!(sys.position("close 12") < sys.position("wait_signal"));
+    assert_eq!(sys.position("kill 2 15"), sys.position("wait_signal") + 1, "SIGTERM is forwarded");
+    // Started, then Exited with the raw status.
+    let started = sys.position("write 101 [1, 0, 0, 0");
+    let exited = sys.position("write 101 [4, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0]");
+    assert!(started < exited);
+    assert_eq!(calls.last().unwrap(), "exit 3");
+}
+
+#[test]
+fn launcher_exits_without_setup_when_the_caller_gives_up() {
+    let p = plan(&build_spec());
+    let sys = Recorder::default(); // the read sees EOF
+    assert_eq!(run_launcher(&sys, &p), 125);
+    assert!(!sys.calls().iter().any(|c| c.starts_with("mount")));
+}
+
+#[test]
+fn launcher_reports_a_failed_step_and_stops() {
+    let p = plan(&build_spec());
+    let sys = Recorder { fail: Some(("pivot_root", Errno::EPERM)), ..Recorder::default() };
+    sys.reads.borrow_mut().push_back(vec![1]);
+    assert_eq!(run_launcher(&sys, &p), 125);
+    let index = p.steps.iter().position(|s| matches!(s, Step::PivotRoot { .. })).unwrap() as u8;
+    let calls = sys.calls();
+    assert_eq!(
+        calls[calls.len() - 2],
+        format!("write 101 [2, 0, 0, 0, {index}, 0, 0, 0, 1, 0, 0, 0]")
+    );
+    assert!(!calls.iter().any(|c| c.starts_with("clone")));
+}
+
+#[test]
+fn launcher_exit_code_is_128_plus_signal() {
+    assert_eq!(launcher::exit_code(9), 137);
+    assert_eq!(launcher::exit_code(42 << 8), 42);
+}
+
+#[test]
+fn the_launcher_keeps_only_its_channel_and_the_workload_stdio() {
+    let sys = Recorder::default();
+    launcher::close_other_fds(&sys, [7, 4, 0, 8, 2]);
+    assert_eq!(sys.calls(), ["close_range 3 3", "close_range 5 6", "close_range 9 2147483647"]);
+    let sys = Recorder::default();
+    launcher::close_other_fds(&sys, [3, 4, 0, 0, 0]);
+    assert_eq!(sys.calls(), ["close_range 5 2147483647"]);
+}
+
+fn by_kill(signal: c_int) -> ReceivedSignal {
+    ReceivedSignal { signal, from_kernel: false }
+}
+
+#[test]
+fn terminal_signals_reach_a_workload_in_the_same_session_only_once() {
+    let tty_sigint = ReceivedSignal { signal: 2, from_kernel: true };
+    for own_session in [false, true] {
+        let sys = Recorder::default();
+        sys.signals.borrow_mut().extend([tty_sigint, by_kill(10), by_kill(libc_sigchld())]);
+        sys.waits.borrow_mut().push_back(Some((2, 0)));
+        let signals = launcher_signals();
+        assert_eq!(launcher::supervise(&sys, Pid::from_raw(2), &signals, own_session), 0);
+        let kills: Vec<String> =
+            sys.calls().into_iter().filter(|c| c.starts_with("kill")).collect();
+        if own_session {
+            assert_eq!(kills, ["kill 2 2", "kill 2 10"]);
+        } else {
+            assert_eq!(kills, ["kill 2 10"], "the terminal already sent SIGINT to the workload");
+        }
+    }
+}
+
+fn libc_sigchld() -> c_int {
+    nix::sys::signal::Signal::SIGCHLD as c_int
+}
