@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use criterion::{Criterion, criterion_group, criterion_main};
 use pkg::digest::Digest;
 use pkg::graph::{BuildGraph, Selection};
-use pkg::key::{BuildKey, KeyInputs, SourceIdentity};
+use pkg::key::{BuildKey, KeyInputs, Outputs, SourceIdentity};
 use pkg::platform::Platform;
 use pkg::tool::{ToolError, ToolIdentity, ToolResolver};
 
@@ -71,14 +71,14 @@ fn parse_plan_and_key(text: &str) -> usize {
     let recipe =
         pkg::recipe::load_str(Path::new("bench/pkg.kdl"), text).expect("generated recipe is valid");
     let graph = BuildGraph::plan(&recipe, &Selection::all(Platform::linux_amd64())).expect("plan");
-    let mut outputs: Vec<Option<Digest>> = vec![None; graph.nodes.len()];
+    let mut outputs = Outputs::new(&graph);
     for id in 0..graph.nodes.len() {
         let source = SourceIdentity::None;
-        let inputs = KeyInputs::for_node(&recipe, &graph, id, source, |n| outputs[n], &FixedTools)
+        let inputs = KeyInputs::for_node(&recipe, &graph, id, source, &mut outputs, &FixedTools)
             .expect("fixed tools resolve")
             .expect("topological order");
         let key = BuildKey::compute(&inputs);
-        outputs[id] = Some(Digest::of(key.digest().as_bytes()));
+        outputs.record(id, Digest::of(key.digest().as_bytes()));
     }
     graph.nodes.len()
 }

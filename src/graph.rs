@@ -90,9 +90,9 @@ impl BuildGraph {
             let platforms: Vec<Platform> = if !selection.platforms.is_empty() {
                 selection.platforms.clone()
             } else if image.platforms.is_empty() {
-                vec![selection.default_platform.clone()]
+                vec![selection.default_platform]
             } else {
-                image.platforms.iter().map(|p| p.value.clone()).collect()
+                image.platforms.iter().map(|p| p.value).collect()
             };
             for platform in platforms {
                 let roots: Vec<NodeId> =
@@ -152,7 +152,7 @@ impl Planner<'_> {
     /// (post-order, so dependencies get smaller ids) if absent. The recipe is
     /// acyclic and every name resolves: [`crate::recipe::load`] checked both.
     fn node(&mut self, package: &str, platform: &Platform) -> NodeId {
-        let key = (package.to_string(), platform.clone());
+        let key = (package.to_string(), *platform);
         if let Some(&id) = self.index.get(&key) {
             return id;
         }
@@ -162,7 +162,7 @@ impl Planner<'_> {
         let id = self.graph.nodes.len();
         self.graph.nodes.push(BuildNode {
             package: package.to_string(),
-            platform: platform.clone(),
+            platform: *platform,
             runtime,
             build,
         });

@@ -4,7 +4,13 @@
 //! one canonical encoding of every input that can change a build's output:
 //! the key format version, package name and version, builder and options,
 //! build env, the source's digest, the output digests of everything the build
-//! mounts, the target platform, and each tool's identity. Maps are ordered
+//! mounts, the target platform, and each tool's identity.
+//!
+//! A build mounts each build dependency with its runtime closure. Rather than
+//! list every mounted output, the key holds one [closure digest](Outputs::closure)
+//! per direct build dependency: a Merkle hash over that dependency's output and
+//! the closure digests of its runtime dependencies. It changes exactly when
+//! any mounted output changes, and keeps each key O(direct dependencies). Maps are ordered
 //! (`BTreeMap`) and tools sorted, so the encoding is a function of the inputs
 //! alone. Anything not in `KeyMaterial` (time, user, store path, working
 //! directory, host environment, description, license) cannot change a key.
@@ -66,34 +72,84 @@ pub struct KeyInputs<'a> {
     pub package: &'a Package,
     pub platform: &'a Platform,
     pub source: SourceIdentity,
-    /// Output tree digests of everything mounted for the build, by package name.
+    /// Closure digests of the direct build dependencies, by package name.
     pub build_inputs: BTreeMap<String, Digest>,
     pub tools: Vec<ToolIdentity>,
 }
 
 impl<'a> KeyInputs<'a> {
     /// The inputs of `node`'s build, or `None` while the output of something it
-    /// mounts is not known yet (`output` answers for built nodes).
+    /// mounts is not yet in `outputs`.
     pub fn for_node(
         recipe: &'a Recipe,
         graph: &'a BuildGraph,
         node: NodeId,
         source: SourceIdentity,
-        output: impl Fn(NodeId) -> Option<Digest>,
+        outputs: &mut Outputs,
         tools: &dyn ToolResolver,
     ) -> Result<Option<KeyInputs<'a>>, ToolError> {
         let n = &graph.nodes[node];
         let package = &recipe.packages[&n.package];
         let mut build_inputs = BTreeMap::new();
-        for input in graph.build_inputs(node) {
-            let Some(digest) = output(input) else { return Ok(None) };
-            build_inputs.insert(graph.nodes[input].package.clone(), digest);
+        for &dep in &n.build {
+            let Some(digest) = outputs.closure(graph, dep) else { return Ok(None) };
+            build_inputs.insert(graph.nodes[dep].package.clone(), digest);
         }
         let tools = tool_names(package, &n.platform)
             .iter()
             .map(|name| tools.resolve(name))
             .collect::<Result<_, _>>()?;
         Ok(Some(KeyInputs { package, platform: &n.platform, source, build_inputs, tools }))
+    }
+}
+
+/// Output digests of built nodes, and the closure digests derived from them.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    output: Vec<Option<Digest>>,
+    closure: Vec<Option<Digest>>,
+}
+
+/// Separates closure digests from other blake3 uses.
+const CLOSURE_DOMAIN: &[u8] = b"pkg closure\0";
+
+impl Outputs {
+    /// No outputs known yet, for the nodes of `graph`.
+    pub fn new(graph: &BuildGraph) -> Self {
+        Outputs { output: vec![None; graph.nodes.len()], closure: vec![None; graph.nodes.len()] }
+    }
+
+    /// Records the output tree of a built (or cached) node.
+    pub fn record(&mut self, node: NodeId, tree: Digest) {
+        self.output[node] = Some(tree);
+    }
+
+    pub fn output(&self, node: NodeId) -> Option<Digest> {
+        self.output[node]
+    }
+
+    /// blake3(domain ‖ output(node) ‖ for each runtime dependency in name order:
+    /// name ‖ closure(dep)), or `None` until every output in the closure is known.
+    pub fn closure(&mut self, graph: &BuildGraph, node: NodeId) -> Option<Digest> {
+        if let Some(known) = self.closure[node] {
+            return Some(known);
+        }
+        let mut deps: Vec<(&str, Digest)> = Vec::new();
+        for &dep in &graph.nodes[node].runtime {
+            deps.push((graph.nodes[dep].package.as_str(), self.closure(graph, dep)?));
+        }
+        deps.sort();
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(CLOSURE_DOMAIN);
+        hasher.update(self.output[node]?.as_bytes());
+        for (name, digest) in deps {
+            hasher.update(&(name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update(digest.as_bytes());
+        }
+        let digest = Digest::from(hasher.finalize());
+        self.closure[node] = Some(digest);
+        Some(digest)
     }
 }
 

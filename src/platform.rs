@@ -6,12 +6,18 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// A platform that pkg knows how to build for.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+/// A platform that pkg knows how to build for. Only Linux is supported, so the
+/// OS is implied; the variant is one of a fixed set, so a platform is `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Platform {
-    os: String,
     arch: Arch,
-    variant: Option<String>,
+    variant: Option<&'static str>,
+}
+
+impl serde::Serialize for Platform {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// CPU architectures, named as in OCI image indexes.
@@ -77,7 +83,7 @@ impl Arch {
 impl Platform {
     /// `linux/amd64`, the platform of the machines pkg is developed on.
     pub fn linux_amd64() -> Self {
-        Platform { os: "linux".into(), arch: Arch::Amd64, variant: None }
+        Platform { arch: Arch::Amd64, variant: None }
     }
 
     /// The platform this pkg binary was compiled for: the build machine's own,
@@ -97,24 +103,24 @@ impl Platform {
 
     /// The Linux platform of the given architecture, without variant.
     pub fn linux(arch: Arch) -> Self {
-        Platform { os: "linux".into(), arch, variant: None }
+        Platform { arch, variant: None }
     }
 
-    pub fn os(&self) -> &str {
-        &self.os
+    pub fn os(&self) -> &'static str {
+        "linux"
     }
 
     pub fn arch(&self) -> Arch {
         self.arch
     }
 
-    pub fn variant(&self) -> Option<&str> {
-        self.variant.as_deref()
+    pub fn variant(&self) -> Option<&'static str> {
+        self.variant
     }
 
     /// The GNU target triple of a Linux platform, e.g. `aarch64-linux-gnu`.
     pub fn gnu_triple(&self) -> String {
-        match (self.arch, self.variant.as_deref()) {
+        match (self.arch, self.variant) {
             (Arch::Arm, _) => "arm-linux-gnueabihf".to_string(),
             (arch, _) => format!("{}-linux-gnu", arch.gnu_name()),
         }
@@ -123,8 +129,8 @@ impl Platform {
 
 impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.arch.oci_name())?;
-        if let Some(v) = &self.variant {
+        write!(f, "linux/{}", self.arch.oci_name())?;
+        if let Some(v) = self.variant {
             write!(f, "/{v}")?;
         }
         Ok(())
@@ -169,15 +175,13 @@ impl FromStr for Platform {
             .into_iter()
             .find(|a| a.oci_name() == arch)
             .ok_or_else(|| ParsePlatformError::Arch(arch.to_string()))?;
-        if let Some(v) = variant
-            && !arch.variants().contains(&v)
-        {
-            return Err(ParsePlatformError::Variant {
-                arch: arch.oci_name(),
-                variant: v.to_string(),
-            });
-        }
-        Ok(Platform { os: os.to_string(), arch, variant: variant.map(str::to_string) })
+        let variant = match variant {
+            None => None,
+            Some(v) => Some(arch.variants().iter().copied().find(|known| *known == v).ok_or_else(
+                || ParsePlatformError::Variant { arch: arch.oci_name(), variant: v.to_string() },
+            )?),
+        };
+        Ok(Platform { arch, variant })
     }
 }
 

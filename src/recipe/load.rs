@@ -188,9 +188,10 @@ impl Loader {
         images: &BTreeMap<String, Image>,
     ) {
         let names: Vec<&str> = packages.keys().map(String::as_str).collect();
+        let defined: HashSet<&str> = names.iter().copied().collect();
         let broken = std::mem::take(&mut self.broken_packages);
         let unknown = |name: &Spanned<String>, relation: &str, issues: &mut Vec<Issue>| {
-            if packages.contains_key(&name.value) || broken.contains(&name.value) {
+            if defined.contains(name.value.as_str()) || broken.contains(&name.value) {
                 return;
             }
             let help = did_you_mean(&name.value, names.iter().copied()).unwrap_or_else(|| {

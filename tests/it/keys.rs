@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use pkg::digest::Digest;
 use pkg::graph::{BuildGraph, Selection};
-use pkg::key::{BuildKey, KeyInputs, SourceIdentity};
+use pkg::key::{BuildKey, KeyInputs, Outputs, SourceIdentity};
 use pkg::platform::Platform;
 use pkg::recipe::{Recipe, load_str};
 use pkg::tool::{ToolError, ToolIdentity, ToolResolver};
@@ -57,16 +57,16 @@ fn keys_with(
     tools: &dyn ToolResolver,
 ) -> BTreeMap<String, BuildKey> {
     let graph = BuildGraph::plan(recipe, &Selection::all(Platform::linux_amd64())).unwrap();
-    let mut outputs: Vec<Option<Digest>> = vec![None; graph.nodes.len()];
+    let mut outputs = Outputs::new(&graph);
     let mut keys = BTreeMap::new();
     for id in 0..graph.nodes.len() {
         let node = &graph.nodes[id];
         let inputs =
-            KeyInputs::for_node(recipe, &graph, id, source(&node.package), |n| outputs[n], tools)
+            KeyInputs::for_node(recipe, &graph, id, source(&node.package), &mut outputs, tools)
                 .unwrap()
                 .expect("topological order makes every input known");
         let key = BuildKey::compute(&inputs);
-        outputs[id] = Some(Digest::of(format!("{key}{output_salt}").as_bytes()));
+        outputs.record(id, Digest::of(format!("{key}{output_salt}").as_bytes()));
         keys.insert(format!("{} {}", node.package, node.platform), key);
     }
     keys
@@ -148,6 +148,62 @@ fn build_dependency_output_changes_key() {
     assert_ne!(key(&base, "app linux/amd64"), key(&changed, "app linux/amd64"));
     // A runtime-only dependency's output does not enter the key: certs is not mounted.
     assert_eq!(key(&base, "certs linux/amd64"), key(&changed, "certs linux/amd64"));
+}
+
+#[test]
+fn runtime_dependency_of_a_build_dependency_changes_key() {
+    // zlib's runtime dependency zdata is mounted with zlib when app builds.
+    let text = RECIPE.replace("package \"zlib\" version=\"1.3\" { build \"cc\" { sources \"zlib.c\" } }",
+        "package \"zlib\" version=\"1.3\" { build \"cc\" { sources \"zlib.c\" }; depends \"zdata\" }\npackage \"zdata\" { build \"script\" { run \"true\" } }");
+    let recipe = load_str(Path::new("pkg.kdl"), &text).unwrap();
+    let graph = BuildGraph::plan(&recipe, &Selection::all(Platform::linux_amd64())).unwrap();
+    let tools = FixedTools { salt: "" };
+    let app_key = |zdata_output: &[u8]| {
+        let mut outputs = Outputs::new(&graph);
+        let mut app = None;
+        for id in 0..graph.nodes.len() {
+            let node = &graph.nodes[id];
+            let inputs = KeyInputs::for_node(
+                &recipe,
+                &graph,
+                id,
+                SourceIdentity::None,
+                &mut outputs,
+                &tools,
+            )
+            .unwrap()
+            .unwrap();
+            let key = BuildKey::compute(&inputs);
+            let out = if node.package == "zdata" {
+                Digest::of(zdata_output)
+            } else {
+                Digest::of(key.digest().as_bytes())
+            };
+            outputs.record(id, out);
+            if node.package == "app" && node.platform == Platform::linux_amd64() {
+                app = Some(key);
+            }
+        }
+        app.unwrap()
+    };
+    assert_ne!(app_key(b"zdata v1"), app_key(b"zdata v2"));
+}
+
+#[test]
+fn key_waits_for_unbuilt_inputs() {
+    let recipe = load_str(Path::new("pkg.kdl"), RECIPE).unwrap();
+    let graph = BuildGraph::plan(&recipe, &Selection::all(Platform::linux_amd64())).unwrap();
+    let app = graph.nodes.iter().position(|n| n.package == "app").unwrap();
+    let mut outputs = Outputs::new(&graph);
+    let inputs = KeyInputs::for_node(
+        &recipe,
+        &graph,
+        app,
+        SourceIdentity::None,
+        &mut outputs,
+        &FixedTools { salt: "" },
+    );
+    assert!(inputs.unwrap().is_none(), "zlib is not built yet");
 }
 
 #[test]
