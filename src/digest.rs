@@ -10,7 +10,9 @@ use std::str::FromStr;
 pub const PREFIX: &str = "b3:";
 
 /// A blake3 digest.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Digest([u8; 32]);
 
 impl Digest {

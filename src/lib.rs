@@ -10,3 +10,4 @@
 pub mod cli;
 pub mod digest;
 pub mod platform;
+pub mod store;

@@ -157,7 +157,10 @@ impl FromStr for Platform {
         if let Some(v) = variant
             && !arch.variants().contains(&v)
         {
-            return Err(ParsePlatformError::Variant { arch: arch.oci_name(), variant: v.to_string() });
+            return Err(ParsePlatformError::Variant {
+                arch: arch.oci_name(),
+                variant: v.to_string(),
+            });
         }
         Ok(Platform { os: os.to_string(), arch, variant: variant.map(str::to_string) })
     }
@@ -185,7 +188,10 @@ mod tests {
         assert_eq!("linux/amd64/v9/x".parse::<Platform>(), Err(ParsePlatformError::Shape));
         assert!(matches!("darwin/arm64".parse::<Platform>(), Err(ParsePlatformError::Os(_))));
         assert!(matches!("linux/x86_64".parse::<Platform>(), Err(ParsePlatformError::Arch(_))));
-        assert!(matches!("linux/amd64/v7".parse::<Platform>(), Err(ParsePlatformError::Variant { .. })));
+        assert!(matches!(
+            "linux/amd64/v7".parse::<Platform>(),
+            Err(ParsePlatformError::Variant { .. })
+        ));
     }
 
     #[test]

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
+pub mod store;
+
 /// Declarative, daemonless packager for static, reproducible OCI images.
 #[derive(Debug, Parser)]
 #[command(name = "pkg", version, about, propagate_version = true)]
@@ -51,6 +53,9 @@ pub enum Command {
         /// The shell to complete for
         shell: clap_complete::Shell,
     },
+    /// Inspect and maintain the content-addressed store
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 /// Global settings once the environment and defaults are applied.
@@ -144,6 +149,7 @@ fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
             clap_complete::generate(shell, &mut Cli::command(), "pkg", &mut out);
             write_stdout(&out)
         }
+        Command::Store(command) => store::run(command, settings),
     }
 }
 
