@@ -31,21 +31,29 @@ impl Store {
     /// directory. `dest` itself ends up mode `0555`.
     pub fn checkout(&self, tree: &Digest, dest: &Path) -> Result<()> {
         let _pin = self.pin()?;
-        match std::fs::read_dir(dest) {
+        let created = match std::fs::read_dir(dest) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
                     return Err(StoreError::DestinationExists { path: dest.to_path_buf() });
                 }
+                false
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(dest).ctx("create directory", dest)?;
+                true
             }
             Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
                 return Err(StoreError::DestinationExists { path: dest.to_path_buf() });
             }
             Err(e) => return Err(e).ctx("list", dest),
+        };
+        if let Err(e) = self.checkout_dir(tree, dest) {
+            // Leave no half checkout behind that could pass for a whole one.
+            if created {
+                let _ = remove_checkout(dest);
+            }
+            return Err(e);
         }
-        self.checkout_dir(tree, dest)?;
         set_mode(dest, 0o555)
     }
 
