@@ -73,33 +73,58 @@ pub enum BlobError {
     HashMismatch { actual: Digest },
 }
 
+/// A blob ready to be written: header, then either the raw bytes (borrowed, not
+/// copied) or a zstd frame.
+pub struct Encoded<'a> {
+    header: [u8; HEADER_LEN],
+    payload: std::borrow::Cow<'a, [u8]>,
+}
+
+impl Encoded<'_> {
+    /// The stored form, in the order to write it.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.header, &self.payload]
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        [&self.header[..], &self.payload].concat()
+    }
+}
+
+thread_local! {
+    /// One zstd context per thread: creating one per chunk shows up in profiles.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        cell.as_mut()?.compress(data).ok()
+    })
+}
+
 /// Encodes `raw` for storage, compressing it only when that saves space.
-pub fn encode(raw: &[u8]) -> Vec<u8> {
+pub fn encode(raw: &[u8]) -> Encoded<'_> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(MAGIC);
+    header[4] = RAW;
+    header[5..].copy_from_slice(&(raw.len() as u64).to_le_bytes());
     let sample = &raw[..raw.len().min(SAMPLE)];
     let worth_it = !raw.is_empty()
-        && zstd::bulk::compress(sample, ZSTD_LEVEL)
-            .is_ok_and(|c| c.len() * 64 < sample.len() * SAMPLE_RATIO_64THS);
-    let mut out = Vec::with_capacity(HEADER_LEN + if worth_it { raw.len() / 2 } else { raw.len() });
-    out.extend_from_slice(MAGIC);
-    out.push(RAW);
-    out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+        && compress(sample).is_some_and(|c| c.len() * 64 < sample.len() * SAMPLE_RATIO_64THS);
     if worth_it {
-        let mut encoder =
-            zstd::stream::Encoder::new(out, ZSTD_LEVEL).expect("zstd encoder on a Vec");
-        encoder.include_contentsize(true).expect("zstd parameter");
-        encoder.set_pledged_src_size(Some(raw.len() as u64)).expect("zstd pledged size");
-        std::io::Write::write_all(&mut encoder, raw).expect("writing to a Vec cannot fail");
-        let mut out = encoder.finish().expect("writing to a Vec cannot fail");
-        if out.len() < HEADER_LEN + raw.len() {
-            out[4] = ZSTD;
-            return out;
+        // A sample that covers the whole chunk is already the answer.
+        let frame = if sample.len() == raw.len() { compress(sample) } else { compress(raw) };
+        if let Some(frame) = frame.filter(|f| f.len() < raw.len()) {
+            header[4] = ZSTD;
+            return Encoded { header, payload: frame.into() };
         }
-        out.truncate(HEADER_LEN);
-        out.extend_from_slice(raw);
-        return out;
     }
-    out.extend_from_slice(raw);
-    out
+    Encoded { header, payload: raw.into() }
 }
 
 /// The uncompressed length a stored blob claims, from its header alone.
@@ -149,7 +174,7 @@ mod tests {
     #[test]
     fn text_is_compressed_and_round_trips() {
         let raw = b"hello world ".repeat(1000);
-        let stored = encode(&raw);
+        let stored = encode(&raw).to_vec();
         assert_eq!(stored[4], ZSTD);
         assert!(stored.len() < raw.len() / 10);
         assert_eq!(decode(&stored, &Digest::of(&raw)).unwrap(), raw);
@@ -167,21 +192,21 @@ mod tests {
                 x as u8
             })
             .collect();
-        let stored = encode(&raw);
+        let stored = encode(&raw).to_vec();
         assert_eq!(stored[4], RAW);
         assert_eq!(decode(&stored, &Digest::of(&raw)).unwrap(), raw);
     }
 
     #[test]
     fn empty_round_trips() {
-        let stored = encode(b"");
+        let stored = encode(b"").to_vec();
         assert_eq!(decode(&stored, &Digest::of(b"")).unwrap(), b"");
     }
 
     #[test]
     fn any_flipped_byte_is_detected() {
         for raw in [b"abc".repeat(5000), b"xyz".to_vec()] {
-            let stored = encode(&raw);
+            let stored = encode(&raw).to_vec();
             let digest = Digest::of(&raw);
             for i in 0..stored.len() {
                 let mut bad = stored.clone();

@@ -42,8 +42,23 @@ impl<F: Fn(&Path, &Metadata) -> bool + Sync> Exclude for F {
     }
 }
 
+/// Ingest threads per CPU. Every object write waits for an fsync; with several
+/// writes in flight per core, the filesystem commits them together (ext4 and
+/// xfs group journal commits) while the other threads hash and compress.
+const THREADS_PER_CPU: usize = 4;
+
+/// Runs `f` on a thread pool sized for ingest (see [`THREADS_PER_CPU`]).
+fn in_ingest_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    match rayon::ThreadPoolBuilder::new().num_threads((cpus * THREADS_PER_CPU).max(8)).build() {
+        Ok(pool) => pool.install(f),
+        // Without a pool of its own, ingest still works on the global one.
+        Err(_) => f(),
+    }
+}
+
 /// Most bytes of chunk data held in one batch before it is stored.
-const BATCH_BYTES: usize = 4 * 1024 * 1024;
+const BATCH_BYTES: usize = 2 * 1024 * 1024;
 
 impl Store {
     /// Ingests the directory `dir` (not following symlinks), leaving out what
@@ -51,14 +66,14 @@ impl Store {
     /// until the result is referenced by a ref if `gc` may run concurrently.
     pub fn ingest_dir(&self, dir: &Path, exclude: &dyn Exclude) -> Result<Digest> {
         let _pin = self.pin()?;
-        self.ingest_dir_at(dir, Path::new(""), exclude)
+        in_ingest_pool(|| self.ingest_dir_at(dir, Path::new(""), exclude))
     }
 
     /// Ingests one regular file; returns its node (chunks, size, permission bits).
     pub fn ingest_file(&self, path: &Path) -> Result<FileNode> {
         let _pin = self.pin()?;
         let metadata = std::fs::symlink_metadata(path).ctx("read metadata of", path)?;
-        self.ingest_regular(path, &metadata)
+        in_ingest_pool(|| self.ingest_regular(path, &metadata))
     }
 
     /// What `pkg store add PATH` does: a directory becomes its tree; a file or
@@ -66,6 +81,10 @@ impl Store {
     /// checking the digest out into `DIR` recreates `DIR/NAME`.
     pub fn ingest_path(&self, path: &Path) -> Result<Digest> {
         let _pin = self.pin()?;
+        in_ingest_pool(|| self.ingest_path_pinned(path))
+    }
+
+    fn ingest_path_pinned(&self, path: &Path) -> Result<Digest> {
         let metadata = std::fs::symlink_metadata(path).ctx("read metadata of", path)?;
         if metadata.is_dir() {
             return self.ingest_dir_at(path, Path::new(""), &|_: &Path, _: &Metadata| false);

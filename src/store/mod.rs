@@ -210,6 +210,11 @@ impl Store {
 
     /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync directory.
     pub(crate) fn write_atomic(&self, path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+        self.write_atomic_parts(path, &[bytes], mode)
+    }
+
+    /// [`Store::write_atomic`] of the concatenation of `parts`.
+    pub(crate) fn write_atomic_parts(&self, path: &Path, parts: &[&[u8]], mode: u32) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let tmp_dir = self.root.join("tmp");
         let mut tmp = tempfile::Builder::new()
@@ -217,7 +222,9 @@ impl Store {
             .permissions(std::fs::Permissions::from_mode(mode))
             .tempfile_in(&tmp_dir)
             .ctx("create a temp file in", &tmp_dir)?;
-        tmp.write_all(bytes).ctx("write", tmp.path())?;
+        for part in parts {
+            tmp.write_all(part).ctx("write", tmp.path())?;
+        }
         tmp.as_file().sync_all().ctx("sync", tmp.path())?;
         tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
         sync_parent(path)
@@ -228,7 +235,7 @@ impl Store {
         let digest = Digest::of(raw);
         let path = self.object_path(ObjectKind::Blob, &digest);
         if !path.exists() {
-            self.write_atomic(&path, &blob::encode(raw), 0o444)?;
+            self.write_atomic_parts(&path, &blob::encode(raw).parts(), 0o444)?;
         }
         Ok(digest)
     }
