@@ -15,4 +15,5 @@ pub mod key;
 pub mod platform;
 pub mod recipe;
 pub mod sandbox;
+pub mod store;
 pub mod tool;

@@ -13,6 +13,8 @@ mod graph;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
+pub mod store;
+
 use crate::graph::{BuildGraph, GraphError, Selection};
 use crate::platform::Platform;
 use crate::recipe::Recipe;
@@ -59,6 +61,9 @@ pub enum Command {
         /// The shell to complete for
         shell: clap_complete::Shell,
     },
+    /// Inspect and maintain the content-addressed store
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 /// Global settings once the environment and defaults are applied.
@@ -153,6 +158,7 @@ fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
             clap_complete::generate(shell, &mut Cli::command(), "pkg", &mut out);
             write_stdout(&out)
         }
+        Command::Store(command) => store::run(command, settings),
     }
 }
 

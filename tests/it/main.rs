@@ -8,3 +8,4 @@ mod keys;
 mod recipe;
 mod rootless;
 mod sandbox;
+mod store;

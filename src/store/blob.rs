@@ -1,0 +1,218 @@
+//! Blobs: the on-disk form of one chunk of file content.
+//!
+//! A blob is named by the blake3 of its *uncompressed* bytes and stored as
+//!
+//! ```text
+//! blob = "pkgB" encoding:u8 raw_len:u64 payload
+//! encoding 0: payload is the raw bytes
+//! encoding 1: payload is one zstd frame of the raw bytes
+//! ```
+//!
+//! Data that does not compress is stored raw: [`encode`] first compresses a
+//! small sample and only spends CPU on the whole chunk when the sample shrinks.
+//! [`decode`] always checks the length and the blake3 of what it produced
+//! against the expected digest, so a reader can never receive wrong bytes.
+
+use crate::digest::Digest;
+
+/// Leading bytes of every stored blob.
+pub const MAGIC: &[u8; 4] = b"pkgB";
+/// Length of the header before the payload.
+pub const HEADER_LEN: usize = 4 + 1 + 8;
+
+const RAW: u8 = 0;
+const ZSTD: u8 = 1;
+
+/// zstd level for blobs: level 1 is within a few percent of higher levels on
+/// build outputs and several times faster.
+pub const ZSTD_LEVEL: i32 = 1;
+/// How much of a chunk is compressed to decide whether compressing pays.
+const SAMPLE: usize = 16 * 1024;
+/// A sample must shrink below this fraction (in 1/64ths) to compress the chunk.
+const SAMPLE_RATIO_64THS: usize = 60;
+
+/// Content-defined chunking parameters. Files up to [`CHUNK_MAX`] bytes are one chunk.
+pub const CHUNK_MIN: usize = 64 * 1024;
+pub const CHUNK_AVG: usize = 256 * 1024;
+pub const CHUNK_MAX: usize = 1024 * 1024;
+
+/// A file's content on its way to chunks: see [`split`].
+pub(crate) enum Split<R: std::io::Read> {
+    /// At most [`CHUNK_MAX`] bytes: one chunk (none when empty).
+    Whole(Vec<u8>),
+    /// Longer: content-defined chunks, streamed.
+    Chunked(fastcdc::v2020::StreamCDC<std::io::Chain<std::io::Cursor<Vec<u8>>, R>>),
+}
+
+/// Decides how `reader`'s content is chunked. Ingest and verification both use
+/// this, so chunking is one pure function of the bytes. Reads one byte past
+/// [`CHUNK_MAX`] rather than trusting a file size that may be changing.
+pub(crate) fn split<R: std::io::Read>(mut reader: R) -> std::io::Result<Split<R>> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    (&mut reader).take(CHUNK_MAX as u64 + 1).read_to_end(&mut head)?;
+    if head.len() <= CHUNK_MAX {
+        return Ok(Split::Whole(head));
+    }
+    let source = std::io::Cursor::new(head).chain(reader);
+    Ok(Split::Chunked(fastcdc::v2020::StreamCDC::new(source, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)))
+}
+
+/// Why a stored blob is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlobError {
+    #[error("not a blob: bad header")]
+    BadHeader,
+    #[error("unknown blob encoding {0}")]
+    UnknownEncoding(u8),
+    #[error("zstd payload does not decompress: {0}")]
+    Zstd(String),
+    #[error("length is {actual} bytes, header says {expected}")]
+    LengthMismatch { expected: u64, actual: u64 },
+    #[error("content hashes to {actual}, not to its name")]
+    HashMismatch { actual: Digest },
+}
+
+/// A blob ready to be written: header, then either the raw bytes (borrowed, not
+/// copied) or a zstd frame.
+pub struct Encoded<'a> {
+    header: [u8; HEADER_LEN],
+    payload: std::borrow::Cow<'a, [u8]>,
+}
+
+impl Encoded<'_> {
+    /// The stored form, in the order to write it.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.header, &self.payload]
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        [&self.header[..], &self.payload].concat()
+    }
+}
+
+thread_local! {
+    /// One zstd context per thread: creating one per chunk shows up in profiles.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        cell.as_mut()?.compress(data).ok()
+    })
+}
+
+/// Encodes `raw` for storage, compressing it only when that saves space.
+pub fn encode(raw: &[u8]) -> Encoded<'_> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(MAGIC);
+    header[4] = RAW;
+    header[5..].copy_from_slice(&(raw.len() as u64).to_le_bytes());
+    let sample = &raw[..raw.len().min(SAMPLE)];
+    let worth_it = !raw.is_empty()
+        && compress(sample).is_some_and(|c| c.len() * 64 < sample.len() * SAMPLE_RATIO_64THS);
+    if worth_it {
+        // A sample that covers the whole chunk is already the answer.
+        let frame = if sample.len() == raw.len() { compress(sample) } else { compress(raw) };
+        if let Some(frame) = frame.filter(|f| f.len() < raw.len()) {
+            header[4] = ZSTD;
+            return Encoded { header, payload: frame.into() };
+        }
+    }
+    Encoded { header, payload: raw.into() }
+}
+
+/// The uncompressed length a stored blob claims, from its header alone.
+pub fn raw_len(stored: &[u8]) -> Result<u64, BlobError> {
+    header(stored).map(|(_, len)| len)
+}
+
+fn header(stored: &[u8]) -> Result<(u8, u64), BlobError> {
+    if stored.len() < HEADER_LEN || &stored[..4] != MAGIC {
+        return Err(BlobError::BadHeader);
+    }
+    let len = u64::from_le_bytes(stored[5..HEADER_LEN].try_into().expect("8 bytes"));
+    Ok((stored[4], len))
+}
+
+/// Decodes a stored blob and checks that it is the content named `expected`.
+pub fn decode(stored: &[u8], expected: &Digest) -> Result<Vec<u8>, BlobError> {
+    let (encoding, len) = header(stored)?;
+    let payload = &stored[HEADER_LEN..];
+    let raw = match encoding {
+        RAW => payload.to_vec(),
+        ZSTD => {
+            // Never allocate more than the header claims, and never trust a claim
+            // larger than a chunk can be.
+            if len > CHUNK_MAX as u64 {
+                return Err(BlobError::LengthMismatch { expected: len, actual: CHUNK_MAX as u64 });
+            }
+            zstd::bulk::decompress(payload, len as usize)
+                .map_err(|e| BlobError::Zstd(e.to_string()))?
+        }
+        other => return Err(BlobError::UnknownEncoding(other)),
+    };
+    if raw.len() as u64 != len {
+        return Err(BlobError::LengthMismatch { expected: len, actual: raw.len() as u64 });
+    }
+    let actual = Digest::of(&raw);
+    if actual != *expected {
+        return Err(BlobError::HashMismatch { actual });
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_compressed_and_round_trips() {
+        let raw = b"hello world ".repeat(1000);
+        let stored = encode(&raw).to_vec();
+        assert_eq!(stored[4], ZSTD);
+        assert!(stored.len() < raw.len() / 10);
+        assert_eq!(decode(&stored, &Digest::of(&raw)).unwrap(), raw);
+        assert_eq!(raw_len(&stored).unwrap(), raw.len() as u64);
+    }
+
+    #[test]
+    fn random_data_is_stored_raw() {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let raw: Vec<u8> = (0..100_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let stored = encode(&raw).to_vec();
+        assert_eq!(stored[4], RAW);
+        assert_eq!(decode(&stored, &Digest::of(&raw)).unwrap(), raw);
+    }
+
+    #[test]
+    fn empty_round_trips() {
+        let stored = encode(b"").to_vec();
+        assert_eq!(decode(&stored, &Digest::of(b"")).unwrap(), b"");
+    }
+
+    #[test]
+    fn any_flipped_byte_is_detected() {
+        for raw in [b"abc".repeat(5000), b"xyz".to_vec()] {
+            let stored = encode(&raw).to_vec();
+            let digest = Digest::of(&raw);
+            for i in 0..stored.len() {
+                let mut bad = stored.clone();
+                bad[i] ^= 0x01;
+                assert!(decode(&bad, &digest).is_err(), "flip at {i} not detected");
+            }
+        }
+    }
+}

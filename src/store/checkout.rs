@@ -1,0 +1,142 @@
+//! Checkouts: materialising a stored tree as a read-only directory.
+//!
+//! Each distinct (file content, permission bits) pair is decompressed once into
+//! `checkouts/files/XX/CONTENT-PERM` and hard-linked into every checkout that
+//! needs it, so identical files share one inode and one copy in the page cache.
+//! Because those inodes are shared, a checkout is read-only: files and
+//! directories get exactly the tree's permission bits *minus every write bit*.
+//! Contents and symlink targets are restored exactly. A destination on another
+//! filesystem gets copies instead of links.
+//!
+//! Cached files are written like objects (temp + fsync + rename) from chunks that
+//! are verified as they are read, so a checkout either fails with an error
+//! naming the bad object or holds exactly the stored bytes.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use super::ingest::unwrap_store_error;
+use super::tree::{FileNode, Node};
+use super::{IoContext, Result, Store, StoreError};
+use crate::digest::Digest;
+
+/// Write bits, which a checkout never grants.
+const WRITE_BITS: u32 = 0o222;
+
+impl Store {
+    /// Materialises `tree` into `dest`, which must be absent or an empty
+    /// directory. `dest` itself ends up mode `0555`.
+    pub fn checkout(&self, tree: &Digest, dest: &Path) -> Result<()> {
+        let _pin = self.pin()?;
+        let created = match std::fs::read_dir(dest) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(StoreError::DestinationExists { path: dest.to_path_buf() });
+                }
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dest).ctx("create directory", dest)?;
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+                return Err(StoreError::DestinationExists { path: dest.to_path_buf() });
+            }
+            Err(e) => return Err(e).ctx("list", dest),
+        };
+        if let Err(e) = self.checkout_dir(tree, dest) {
+            // Leave no half checkout behind that could pass for a whole one.
+            if created {
+                let _ = remove_checkout(dest);
+            }
+            return Err(e);
+        }
+        set_mode(dest, 0o555)
+    }
+
+    fn checkout_dir(&self, digest: &Digest, dir: &Path) -> Result<()> {
+        let tree = self.read_tree(digest)?;
+        tree.entries.par_iter().try_for_each(|(name, node)| {
+            let path = dir.join(name.as_os_str());
+            match node {
+                Node::File(file) => self.link_file(file, &path),
+                Node::Symlink(target) => std::os::unix::fs::symlink(target.as_os_str(), &path)
+                    .ctx("create symlink", &path),
+                Node::Dir(child) => {
+                    std::fs::create_dir(&path).ctx("create directory", &path)?;
+                    self.checkout_dir(&child.digest, &path)?;
+                    set_mode(&path, child.permissions.bits() & !WRITE_BITS)
+                }
+            }
+        })
+    }
+
+    fn cached_file_path(&self, file: &FileNode) -> PathBuf {
+        let hex = file.content_digest().to_hex();
+        let mode = file.permissions().bits() & !WRITE_BITS;
+        self.root.join("checkouts/files").join(&hex[..2]).join(format!("{hex}-{mode:04o}"))
+    }
+
+    /// Links the cached copy of `file` to `path`, creating the cached copy first if needed.
+    fn link_file(&self, file: &FileNode, path: &Path) -> Result<()> {
+        let cached = self.cached_file_path(file);
+        if !cached.exists() {
+            self.materialise(file, &cached)?;
+        }
+        match std::fs::hard_link(&cached, path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                std::fs::copy(&cached, path).ctx("copy a cached file to", path)?;
+                set_mode(path, file.permissions().bits() & !WRITE_BITS)
+            }
+            Err(e) => Err(e).ctx("hard-link a cached file to", path),
+        }
+    }
+
+    fn materialise(&self, file: &FileNode, cached: &Path) -> Result<()> {
+        let tmp_dir = self.root.join("tmp");
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".c")
+            .tempfile_in(&tmp_dir)
+            .ctx("create a temp file in", &tmp_dir)?;
+        let mut reader = self.open_file(file);
+        io::copy(&mut reader, tmp.as_file_mut()).map_err(|e| unwrap_store_error(e, tmp.path()))?;
+        let mode = file.permissions().bits() & !WRITE_BITS;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .ctx("chmod", tmp.path())?;
+        tmp.as_file().sync_all().ctx("sync", tmp.path())?;
+        tmp.persist(cached).map_err(|e| e.error).ctx("rename a temp file to", cached)?;
+        super::sync_parent(cached)
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).ctx("chmod", path)
+}
+
+/// Deletes a checkout (or any directory tree), first restoring the owner's
+/// write and search permission on its read-only directories.
+pub fn remove_checkout(dir: &Path) -> Result<()> {
+    fn unlock(dir: &Path) -> Result<()> {
+        set_mode(dir, 0o700)?;
+        for entry in std::fs::read_dir(dir).ctx("list", dir)? {
+            let entry = entry.ctx("list", dir)?;
+            if entry.file_type().ctx("read metadata of", &entry.path())?.is_dir() {
+                unlock(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).ctx("read metadata of", dir),
+        Ok(_) => {}
+    }
+    unlock(dir)?;
+    std::fs::remove_dir_all(dir).ctx("remove", dir)?;
+    Ok(())
+}
