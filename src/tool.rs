@@ -27,6 +27,10 @@ pub struct ToolIdentity {
 pub enum ToolError {
     #[error("tool `{name}` is not on PATH")]
     NotFound { name: String },
+    #[error("tool `{name}` must be a bare name found on PATH or an absolute path")]
+    RelativePath { name: String },
+    #[error("tool `{name}` resolves to a path that is not UTF-8: {}", path.display())]
+    NonUtf8Path { name: String, path: PathBuf },
     #[error("cannot read tool `{name}` at {}", path.display())]
     Read {
         name: String,
@@ -55,10 +59,13 @@ impl HostTools {
         HostTools { search_path, cache: Mutex::new(HashMap::new()) }
     }
 
-    /// The first executable named `name` on the search path, symlinks followed.
+    /// The first executable named `name` on the search path (or `name` itself
+    /// when absolute), symlinks followed.
     pub fn which(&self, name: &str) -> Option<PathBuf> {
         if name.contains('/') {
-            return is_executable(Path::new(name)).then(|| PathBuf::from(name));
+            let path = Path::new(name);
+            return (path.is_absolute() && is_executable(path))
+                .then(|| std::fs::canonicalize(path).ok())?;
         }
         self.search_path
             .iter()
@@ -73,8 +80,17 @@ impl ToolResolver for HostTools {
         if let Some(known) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
             return Ok(known.clone());
         }
+        if name.contains('/') && !name.starts_with('/') {
+            // Relative to what? Not the process's working directory: that would
+            // make keys depend on where pkg was started.
+            return Err(ToolError::RelativePath { name: name.to_string() });
+        }
         let path =
             self.which(name).ok_or_else(|| ToolError::NotFound { name: name.to_string() })?;
+        if path.to_str().is_none() {
+            // Keys encode paths as UTF-8 text.
+            return Err(ToolError::NonUtf8Path { name: name.to_string(), path });
+        }
         let read_error =
             |source| ToolError::Read { name: name.to_string(), path: path.clone(), source };
         let mut hasher = blake3::Hasher::new();
@@ -82,7 +98,7 @@ impl ToolResolver for HostTools {
         hasher.update_reader(file).map_err(read_error)?;
         let identity = ToolIdentity {
             name: name.to_string(),
-            version: version_line(&path),
+            version: version_line(name, &path),
             digest: hasher.finalize().into(),
             path,
         };
@@ -94,24 +110,51 @@ impl ToolResolver for HostTools {
     }
 }
 
-/// The first non-empty line of `TOOL --version`, or of `TOOL version` for tools
-/// like `go` that have no `--version` flag; empty when neither answers. The
-/// tool runs with an empty environment so the answer does not depend on ours.
-fn version_line(path: &Path) -> String {
-    for arg in ["--version", "version"] {
-        let output = Command::new(path).arg(arg).env_clear().stdin(Stdio::null()).output();
-        if let Ok(out) = output
-            && out.status.success()
-        {
-            let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-            if let Some(line) =
-                String::from_utf8_lossy(&text).lines().map(str::trim).find(|l| !l.is_empty())
-            {
-                return line.to_string();
-            }
+/// The first non-empty line of `TOOL --version` (`go version` for Go, which
+/// has no such flag), or empty when the tool gives none. The tool runs from `/`
+/// with an empty environment and no input, so the answer depends on neither
+/// pkg's working directory nor its environment; one that has not answered after
+/// ten seconds is killed. No other argument is tried: `sh version`, for one,
+/// would run a file named `version`.
+fn version_line(name: &str, path: &Path) -> String {
+    let arg = if name == "go" || path.file_name().is_some_and(|f| f == "go") {
+        "version"
+    } else {
+        "--version"
+    };
+    let child = Command::new(path)
+        .arg(arg)
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else { return String::new() };
+    // Poll rather than block so a tool that never exits cannot hang pkg.
+    for _ in 0..1000 {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(_) => return String::new(),
         }
     }
-    String::new()
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return String::new();
+    }
+    let Ok(out) = child.wait_with_output() else { return String::new() };
+    if !out.status.success() {
+        return String::new();
+    }
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    String::from_utf8_lossy(&text)
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -130,6 +173,33 @@ mod tests {
         assert!(sh.path.is_absolute());
         assert_eq!(tools.resolve("sh").unwrap(), sh);
         assert!(matches!(tools.resolve("no-such-tool-pkg"), Err(ToolError::NotFound { .. })));
+    }
+
+    #[test]
+    fn never_runs_files_from_the_working_directory() {
+        // dash rejects `--version`; a fallback to `sh version` would run ./version.
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let script = format!("#!/bin/sh\ntouch {}\necho hijacked\n", marker.display());
+        std::fs::write(dir.path().join("version"), script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.path().join("version"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        // Each test runs in its own process under nextest, so moving it is safe.
+        std::env::set_current_dir(dir.path()).unwrap();
+        let line = version_line("sh", Path::new("/bin/sh"));
+        assert!(!line.contains("hijacked"));
+        assert!(!marker.exists());
+    }
+
+    #[test]
+    fn relative_tool_paths_are_refused() {
+        let tools = HostTools::new(Some("/usr/bin:/bin".into()));
+        assert!(matches!(tools.resolve("bin/gen"), Err(ToolError::RelativePath { .. })));
+        assert!(tools.resolve("/bin/sh").is_ok());
     }
 
     #[test]

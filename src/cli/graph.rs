@@ -37,9 +37,10 @@ pub enum Format {
 
 pub fn run(args: GraphArgs, _settings: &Settings) -> miette::Result<ExitCode> {
     let recipe = load_recipe(&args.recipe)?;
-    let graph = plan(&recipe, &selection(args.images, args.platforms))?;
+    let graph = plan(&recipe, &selection(args.images.clone(), args.platforms))?;
     let text = match args.format {
-        Format::Tree => render_tree(&recipe, &graph),
+        Format::Tree if args.images.is_empty() => render_tree(&recipe, &graph, true),
+        Format::Tree => render_tree(&recipe, &graph, false),
         Format::Dot => render_dot(&recipe, &graph),
     };
     write_stdout(text.as_bytes())
@@ -55,7 +56,9 @@ fn label(recipe: &Recipe, name: &str) -> String {
 
 /// Images with their platforms, each content package with its dependencies
 /// below it; a subtree already printed under the same image shows as `(*)`.
-pub fn render_tree(recipe: &Recipe, graph: &BuildGraph) -> String {
+/// With `list_unused`, packages no image needs are listed at the end (only
+/// meaningful when every image was planned).
+pub fn render_tree(recipe: &Recipe, graph: &BuildGraph, list_unused: bool) -> String {
     let mut out = String::new();
     let mut i = 0;
     while i < graph.images.len() {
@@ -82,7 +85,7 @@ pub fn render_tree(recipe: &Recipe, graph: &BuildGraph) -> String {
         graph.nodes.iter().map(|n| n.package.as_str()).collect();
     let unused: Vec<&String> =
         recipe.packages.keys().filter(|p| !used.contains(p.as_str())).collect();
-    if !unused.is_empty() {
+    if list_unused && !unused.is_empty() {
         let _ = writeln!(out, "not in any image:");
         for name in unused {
             let _ = writeln!(out, "  {}", label(recipe, name));

@@ -123,8 +123,19 @@ fn default_store(xdg_data_home: Option<PathBuf>, home: Option<PathBuf>) -> Optio
         .or_else(|| home.map(|h| h.join(".local/share/pkg")))
 }
 
-/// The process entry point: parse, resolve, run, report.
+/// The process entry point. The work runs on a thread with a large stack:
+/// dependency graphs are walked recursively, and a recipe may chain tens of
+/// thousands of packages. Only the pages a walk touches are ever allocated.
 pub fn main() -> ExitCode {
+    const STACK: usize = 512 << 20;
+    std::thread::Builder::new()
+        .name("pkg".into())
+        .stack_size(STACK)
+        .spawn(main_on_this_thread)
+        .map_or_else(|_| main_on_this_thread(), |worker| worker.join().unwrap_or(ExitCode::FAILURE))
+}
+
+fn main_on_this_thread() -> ExitCode {
     let cli = Cli::parse();
     let color = cli.global.color;
     let result = Settings::resolve(&cli.global).and_then(|settings| {
@@ -181,7 +192,12 @@ pub(crate) fn plan(recipe: &Recipe, selection: &Selection) -> miette::Result<Bui
 }
 
 /// The images and platforms a command works on.
-pub(crate) fn selection(images: Vec<String>, platforms: Vec<Platform>) -> Selection {
+pub(crate) fn selection(mut images: Vec<String>, mut platforms: Vec<Platform>) -> Selection {
+    // `--image a --image a` means one image; keep first-given order.
+    let mut seen = std::collections::HashSet::new();
+    images.retain(|i| seen.insert(i.clone()));
+    let mut seen = std::collections::HashSet::new();
+    platforms.retain(|p| seen.insert(*p));
     Selection {
         images: (!images.is_empty()).then_some(images),
         platforms,

@@ -130,8 +130,12 @@ fn skip_node_space(text: &str, mut at: usize) -> usize {
                 }
             }
             Some(b'\\') => {
-                // A line continuation: everything up to and including the newline.
-                while at < b.len() && b[at] != b'\n' {
+                // A line continuation: everything up to and including the newline
+                // (LF, CR or CRLF).
+                while at < b.len() && b[at] != b'\n' && b[at] != b'\r' {
+                    at += 1;
+                }
+                if b[at..].starts_with(b"\r\n") {
                     at += 1;
                 }
                 at += 1;

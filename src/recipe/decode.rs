@@ -29,6 +29,21 @@ pub struct FileItems {
 /// Decodes `text` (the contents of file `file`), appending problems to `issues`.
 pub fn decode_file(file: FileId, text: &str, issues: &mut Vec<Issue>) -> FileItems {
     let mut decoder = Decoder { file, text, issues };
+    if let Some(offset) = super::fastkdl::too_deep(text) {
+        let span = decoder.span(Range { offset, len: 1 });
+        decoder.issues.push(
+            Issue::new(
+                Problem::Syntax(format!(
+                    "nested more than {} levels deep",
+                    super::fastkdl::MAX_NESTING
+                )),
+                span,
+                "too deep",
+            )
+            .help("recipes nest a few levels: package { build { … } }"),
+        );
+        return FileItems::default();
+    }
     let nodes = match super::fastkdl::parse(text) {
         Some(nodes) => Ok(nodes),
         None => kdl::KdlDocument::parse_v2(text).map(|document| ast::from_kdl(&document, text)),
@@ -36,14 +51,28 @@ pub fn decode_file(file: FileId, text: &str, issues: &mut Vec<Issue>) -> FileIte
     let document = match nodes {
         Ok(nodes) => nodes,
         Err(error) => {
+            // kdl-rs often reports one mistake twice, from nested rules: keep
+            // the first report at each place.
+            let mut reported: Vec<Range> = Vec::new();
             for d in error.diagnostics {
+                let range = Range { offset: d.span.offset(), len: d.span.len() };
+                let overlaps =
+                    reported.iter().any(|r| range.offset >= r.offset && range.offset <= r.end());
+                if overlaps {
+                    continue;
+                }
+                reported.push(range);
                 let message = d.message.unwrap_or_else(|| "invalid KDL".to_string());
                 let label = d.label.unwrap_or_else(|| "here".to_string());
                 let help = d.help.unwrap_or_else(|| {
-                    "recipes are KDL v2: strings in double quotes, booleans as #true and #false"
-                        .to_string()
+                    if message.contains('}') || message.contains('{') {
+                        "every `{` needs a matching `}`".to_string()
+                    } else {
+                        "recipes are KDL v2: strings in double quotes, booleans as #true and #false"
+                            .to_string()
+                    }
                 });
-                let span = decoder.span(Range { offset: d.span.offset(), len: d.span.len() });
+                let span = decoder.span(range);
                 decoder.issues.push(Issue::new(Problem::Syntax(message), span, label).help(help));
             }
             return FileItems::default();
@@ -137,7 +166,8 @@ impl Decoder<'_> {
     /// The package, or (when it has errors) its name if it has one.
     fn package(&mut self, node: &Node) -> Result<Package, Option<String>> {
         self.check_options(node, &["version"], "`package`");
-        let name = self.single_string(node, "package name");
+        let name =
+            self.single_string(node, "package name").filter(|n| self.valid_name(n, "package name"));
         let version = self.string_option(node, "version").map(|v| v.value);
         let mut description = None;
         let mut license = None;
@@ -192,7 +222,7 @@ impl Decoder<'_> {
         }
         let Some(name) = name else { return Err(None) };
         let Some(build) = build else {
-            if saw_build || !self.issues_in(node).is_empty() {
+            if saw_build || self.misspelt_child(node, "build") {
                 return Err(Some(name.value));
             }
             let issue = Issue::new(
@@ -293,8 +323,7 @@ impl Decoder<'_> {
                 }
                 Some(Spanned::new(Source::Url { url: url.value, sha256: sha.value }, url.span))
             }
-            (Some(path), Some(url)) => {
-                let _ = path;
+            (Some(_), Some(url)) => {
                 self.report(
                     Issue::new(
                         Problem::Conflict { a: "path".into(), b: "url".into() },
@@ -329,7 +358,7 @@ impl Decoder<'_> {
                 for child in self.children(node, &["install"], "the `files` builder") {
                     install.extend(self.install(child));
                 }
-                if install.is_empty() && self.issues_in(node).is_empty() {
+                if install.is_empty() && !self.has_issues_in(node) {
                     self.report(
                         Issue::new(
                             Problem::Missing { what: "`install` in the `files` builder".into() },
@@ -351,7 +380,7 @@ impl Decoder<'_> {
                     self.no_block(child);
                     run.extend(self.single_string(child, "a shell command").map(|s| s.value));
                 }
-                if run.is_empty() && self.issues_in(node).is_empty() {
+                if run.is_empty() && !self.has_issues_in(node) {
                     self.report(
                         Issue::new(
                             Problem::Missing { what: "`run` in the `script` builder".into() },
@@ -388,7 +417,7 @@ impl Decoder<'_> {
                         ),
                     }
                 }
-                if sources.is_empty() && self.issues_in(node).is_empty() {
+                if sources.is_empty() && !self.has_issues_in(node) {
                     self.report(
                         Issue::new(
                             Problem::Missing { what: "`sources` in the `cc` builder".into() },
@@ -456,18 +485,49 @@ impl Decoder<'_> {
         Some(Spanned::new(builder, span))
     }
 
-    /// Problems already reported inside `node`'s text, to avoid piling a
-    /// "missing" on top of a misspelt child.
-    fn issues_in(&self, node: &Node) -> Vec<&Issue> {
+    /// Whether a problem was already reported inside `node`'s text, to avoid
+    /// piling a "missing" on top of a misspelt or mistyped child.
+    fn has_issues_in(&self, node: &Node) -> bool {
         let span = self.span(node.span);
-        self.issues
+        self.issues.iter().any(|i| {
+            i.span.file == self.file
+                && i.span.offset >= span.offset
+                && i.span.offset < span.offset + span.len
+        })
+    }
+
+    /// Whether an unknown child of `node` looks like a misspelling of `wanted`.
+    fn misspelt_child(&self, node: &Node, wanted: &str) -> bool {
+        node.children
             .iter()
-            .filter(|i| {
-                i.span.file == self.file
-                    && i.span.offset >= span.offset
-                    && i.span.offset < span.offset + span.len
-            })
-            .collect()
+            .flatten()
+            .any(|c| c.name != wanted && super::diagnostic::nearest(&c.name, [wanted]).is_some())
+    }
+
+    /// Package and image names become file names and OCI reference names:
+    /// `/`-separated components of letters, digits and `._-+`, each starting
+    /// with a letter or digit.
+    fn valid_name(&mut self, name: &Spanned<String>, what: &'static str) -> bool {
+        let components_ok = name.value.split('/').all(|c| {
+            c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+        });
+        let ok = components_ok
+            && name.value.len() <= 128
+            && (what == "image name" || !name.value.contains('/'));
+        if !ok {
+            self.invalid(
+                name.span,
+                what,
+                &name.value,
+                if what == "image name" {
+                    "use letters, digits and `._-+`, starting with a letter or digit (`/` separates parts)"
+                } else {
+                    "use letters, digits and `._-+`, starting with a letter or digit"
+                },
+            );
+        }
+        ok
     }
 
     fn install(&mut self, node: &Node) -> Option<Install> {
@@ -478,7 +538,9 @@ impl Decoder<'_> {
             self.too_many(node, &args[2].span);
         }
         let mode = self.string_option(node, "mode").and_then(|m| {
-            let parsed = u32::from_str_radix(&m.value, 8).ok().filter(|_| !m.value.is_empty());
+            let parsed = u32::from_str_radix(&m.value, 8)
+                .ok()
+                .filter(|_| !m.value.is_empty() && m.value.bytes().all(|b| b.is_ascii_digit()));
             match parsed {
                 Some(bits) if bits <= 0o777 => Some(bits),
                 Some(_) => {
@@ -570,7 +632,8 @@ impl Decoder<'_> {
 
     fn image(&mut self, node: &Node) -> Option<Image> {
         self.check_options(node, &[], "`image`");
-        let name = self.single_string(node, "image name");
+        let name =
+            self.single_string(node, "image name").filter(|n| self.valid_name(n, "image name"));
         let context = match &name {
             Some(n) => format!("image `{}`", n.value),
             None => "an image".to_string(),
@@ -607,10 +670,31 @@ impl Decoder<'_> {
             }
             seen.push(kind);
             match kind {
-                "contents" => image.contents.extend(self.strings(child, 1, "a package name")),
+                "contents" => {
+                    for name in self.strings(child, 1, "a package name") {
+                        if image.contents.iter().any(|c| c.value == name.value) {
+                            self.invalid(
+                                name.span,
+                                "contents",
+                                &name.value,
+                                "this package is already listed",
+                            );
+                        } else {
+                            image.contents.push(name);
+                        }
+                    }
+                }
                 "platforms" => {
                     for text in self.strings(child, 1, "a platform") {
                         match text.value.parse::<Platform>() {
+                            Ok(p) if image.platforms.iter().any(|q| q.value == p) => {
+                                self.invalid(
+                                    text.span,
+                                    "platforms",
+                                    &text.value,
+                                    "this platform is already listed",
+                                );
+                            }
                             Ok(p) => image.platforms.push(Spanned::new(p, text.span)),
                             Err(e) => {
                                 let arch = text.value.split('/').nth(1).unwrap_or("");
@@ -679,6 +763,7 @@ impl Decoder<'_> {
                         if user.value.is_empty()
                             || user.value.contains(char::is_whitespace)
                             || user.value.split(':').count() > 2
+                            || user.value.split(':').any(str::is_empty)
                         {
                             self.invalid(
                                 user.span,
@@ -740,7 +825,7 @@ impl Decoder<'_> {
         }
         let name = name?;
         if image.contents.is_empty() {
-            if !self.issues_in(node).is_empty() {
+            if self.has_issues_in(node) {
                 return None;
             }
             let issue = Issue::new(
@@ -1046,7 +1131,10 @@ fn parse_rfc3339_utc(s: &str) -> Option<i64> {
     {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let num = |r: std::ops::Range<usize>| {
+        let part = s.get(r)?;
+        part.bytes().all(|b| b.is_ascii_digit()).then(|| part.parse::<i64>().ok())?
+    };
     let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
     let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;

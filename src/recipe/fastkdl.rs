@@ -14,6 +14,57 @@
 
 use super::ast::{Entry, Node, Range, Value};
 
+/// How deeply blocks (and, separately, `/* */` comments) may nest. Both parsers
+/// recurse per level; real recipes nest three or four levels.
+pub const MAX_NESTING: usize = 128;
+
+/// The offset where `text` first nests blocks or block comments deeper than
+/// [`MAX_NESTING`], found by a cheap scan that skips quoted strings and line
+/// comments. Run before either parser so neither can exhaust the stack.
+pub fn too_deep(text: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    let (mut blocks, mut comments, mut i) = (0usize, 0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                comments += 1;
+                if comments > MAX_NESTING {
+                    return Some(i);
+                }
+                i += 2;
+                continue;
+            }
+            b'*' if comments > 0 && b.get(i + 1) == Some(&b'/') => {
+                comments -= 1;
+                i += 2;
+                continue;
+            }
+            _ if comments > 0 => {}
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
+                    i += 1;
+                }
+            }
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'{' => {
+                blocks += 1;
+                if blocks > MAX_NESTING {
+                    return Some(i);
+                }
+            }
+            b'}' => blocks = blocks.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Parses `text`, or `None` when the fast path does not apply.
 pub fn parse(text: &str) -> Option<Vec<Node>> {
     let mut p = Parser { src: text, b: text.as_bytes(), i: 0 };
@@ -243,35 +294,37 @@ impl Parser<'_> {
     }
 
     /// Decimal integers and `digits.digits`; anything fancier is left to kdl-rs.
+    /// Like kdl-rs, the magnitude, and each side of a decimal point, must fit
+    /// in an `i128`; anything it would reject is refused here too.
     fn number(&mut self) -> Option<Value> {
-        let start = self.i;
-        if matches!(self.peek(), Some(b'+' | b'-')) {
-            self.i += 1;
-        }
+        let negative = match self.peek() {
+            Some(b'-') => {
+                self.i += 1;
+                true
+            }
+            Some(b'+') => {
+                self.i += 1;
+                false
+            }
+            _ => false,
+        };
         let digits = |p: &mut Self| {
             let s = p.i;
             while p.peek().is_some_and(|c| c.is_ascii_digit()) {
                 p.i += 1;
             }
-            p.i > s
+            (p.i > s).then(|| p.src[s..p.i].parse::<i128>().ok())?
         };
-        if !digits(self) {
-            return None;
+        let whole_start = self.i;
+        let whole = digits(self)?;
+        if self.peek() != Some(b'.') {
+            return Some(Value::Integer(if negative { -whole } else { whole }));
         }
-        let mut float = false;
-        if self.peek() == Some(b'.') {
-            self.i += 1;
-            if !digits(self) {
-                return None;
-            }
-            float = true;
-        }
-        let text = &self.src[start..self.i];
-        if float {
-            text.parse::<f64>().ok().map(Value::Float)
-        } else {
-            text.parse::<i128>().ok().map(Value::Integer)
-        }
+        self.i += 1;
+        digits(self)?;
+        let magnitude: f64 =
+            self.src[whole_start..self.i].parse().ok().filter(|f: &f64| f.is_finite())?;
+        Some(Value::Float(if negative { -magnitude } else { magnitude }))
     }
 
     /// Whether the next character may follow a value or name.
@@ -703,6 +756,18 @@ mod tests {
             let reference = from_kdl(&kdl::KdlDocument::parse_v2(text).unwrap(), text);
             assert_eq!(shape(&fast), shape(&reference));
         }
+    }
+
+    #[test]
+    fn measures_nesting() {
+        let deep = format!("a {}{}", "{ b ".repeat(MAX_NESTING + 1), "}".repeat(MAX_NESTING + 1));
+        assert_eq!(too_deep(&deep), Some(2 + 4 * MAX_NESTING));
+        let ok = format!("a {}{}", "{ b ".repeat(MAX_NESTING), "}".repeat(MAX_NESTING));
+        assert_eq!(too_deep(&ok), None);
+        assert_eq!(too_deep(&"/* ".repeat(MAX_NESTING + 1)), Some(3 * MAX_NESTING));
+        // Braces in strings and comments do not count.
+        let quoted = format!("a \"{}\" // {}\n", "{".repeat(500), "{".repeat(500));
+        assert_eq!(too_deep(&quoted), None);
     }
 
     #[test]

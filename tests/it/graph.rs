@@ -53,6 +53,8 @@ fn platform_and_image_selection() {
     let text = stdout(&out);
     assert!(text.starts_with("image certs [linux/arm64]\n"), "{text}");
     assert!(!text.contains("image app"), "{text}");
+    // With a selection, packages of other images are not "in no image".
+    assert!(!text.contains("not in any image"), "{text}");
 }
 
 #[test]

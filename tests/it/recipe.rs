@@ -135,6 +135,14 @@ diagnostic_test!(
     env_without_name,
     "package \"a\" {\n    build \"script\" { run \"true\" }\n    env \"GOFLAGS=-mod=vendor\"\n}\n"
 );
+diagnostic_test!(
+    invalid_image_name,
+    "package \"a\" { build \"script\" { run \"true\" } }\nimage \"my app/../x\" { contents \"a\" }\n"
+);
+diagnostic_test!(
+    duplicate_contents,
+    "package \"a\" { build \"script\" { run \"true\" } }\nimage \"i\" { contents \"a\" \"a\"; platforms \"linux/amd64\" \"linux/amd64\" }\n"
+);
 diagnostic_test!(image_without_contents, "image \"empty\" {\n    entrypoint \"/bin/sh\"\n}\n");
 
 #[test]
@@ -236,4 +244,59 @@ fn every_shipped_recipe_loads() {
         }
     }
     assert!(count >= 1, "no recipes found under {}", root.display());
+}
+
+#[test]
+fn unrelated_error_does_not_hide_missing_build() {
+    let report = diagnose(&[("pkg.kdl", "package \"a\" version=1 {\n    license \"MIT\"\n}\n")]);
+    assert!(report.contains("the recipe has 2 errors"), "{report}");
+    assert!(report.contains("missing `build` in package `a`"), "{report}");
+}
+
+#[test]
+fn deep_nesting_is_a_diagnostic_not_a_crash() {
+    let text = format!("package \"a\" {}{} 0x", "{ b ".repeat(2000), "}".repeat(2000));
+    let report = diagnose(&[("pkg.kdl", &text)]);
+    assert!(
+        report.contains("nested more than 128 levels deep"),
+        "{}",
+        &report[..report.len().min(400)]
+    );
+}
+
+#[test]
+fn long_dependency_chains_do_not_exhaust_the_stack() {
+    use std::fmt::Write as _;
+    let n = 20_000;
+    let mut text = String::new();
+    for i in 0..n {
+        let _ = writeln!(
+            text,
+            "package \"p{i}\" {{ build \"script\" {{ run \"x\" }}; depends \"p{}\" }}",
+            i + 1
+        );
+    }
+    let _ = writeln!(
+        text,
+        "package \"p{n}\" {{ build \"script\" {{ run \"x\" }} }}\nimage \"i\" {{ contents \"p0\" }}"
+    );
+    let ctx = TestContext::new();
+    ctx.write("pkg.kdl", &text);
+    let out = ctx.run(&["graph", "--format", "dot"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A cycle closing the same chain is found and reported, not a crash.
+    ctx.write(
+        "pkg.kdl",
+        &text.replace(
+            &format!("package \"p{n}\" {{ build \"script\" {{ run \"x\" }} }}"),
+            &format!("package \"p{n}\" {{ build \"script\" {{ run \"x\" }}; depends \"p0\" }}"),
+        ),
+    );
+    let out = ctx.run(&["graph", "--format", "dot"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("dependency cycle"),
+        "{}",
+        &stderr(&out)[..400.min(stderr(&out).len())]
+    );
 }
