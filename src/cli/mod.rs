@@ -174,7 +174,8 @@ fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
 }
 
 /// Loads the recipe a RECIPE argument names, relative to the working directory.
-/// Relative paths stay as the user spelt them (the process runs in `settings.cwd`),
+/// Relative paths stay as the user spelt them (they resolve against the process's
+/// working directory, which is `Settings::cwd`),
 /// so diagnostics name files the way the user wrote them.
 pub(crate) fn load_recipe(path: &Path) -> miette::Result<Recipe> {
     Ok(crate::recipe::load(path)?)

@@ -698,10 +698,10 @@ impl Decoder<'_> {
                             Ok(p) => image.platforms.push(Spanned::new(p, text.span)),
                             Err(e) => {
                                 let arch = text.value.split('/').nth(1).unwrap_or("");
-                                let help = arch_alias(arch)
-                                    .or_else(|| {
-                                        super::diagnostic::nearest(arch, known_arch_names())
-                                    })
+                                // An alias is already named in the message itself.
+                                let help = (arch_alias(arch).is_none())
+                                    .then(|| super::diagnostic::nearest(arch, known_arch_names()))
+                                    .flatten()
                                     .map(|s| format!("did you mean `linux/{s}`?"))
                                     .unwrap_or_else(|| {
                                         "platforms are written like `linux/amd64` or `linux/arm64`"

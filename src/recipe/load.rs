@@ -140,9 +140,7 @@ impl Loader {
             }
         }
         self.check_references(&packages, &images);
-        if self.issues.is_empty() {
-            self.check_cycles(&packages);
-        }
+        self.check_cycles(&packages);
         if !self.issues.is_empty() {
             return Err(RecipeError::invalid(&self.sources, self.issues));
         }
@@ -242,6 +240,9 @@ impl Loader {
             path.push(name);
             for dep in edges(&packages[name]) {
                 let dep_name = dep.value.as_str();
+                if !packages.contains_key(dep_name) {
+                    continue; // an unknown package, reported by check_references
+                }
                 match marks.get(dep_name) {
                     Some(Mark::Active) => {
                         let start = path.iter().position(|n| *n == dep_name).unwrap_or(0);

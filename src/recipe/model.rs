@@ -3,7 +3,8 @@
 //! The model does not depend on KDL. Each item keeps the [`Span`] of the text it
 //! came from so later stages (resolution, builds) can point at the recipe when
 //! they fail. Invariants once a [`Recipe`] is returned by [`super::load`]:
-//! package and image names are unique and valid, every `depends`,
+//! package and image names are unique and valid (letters, digits and `._-+`;
+//! image names may have `/`-separated parts), every `depends`,
 //! `build-depends` and `contents` name refers to a package, the dependency
 //! graph is acyclic, and every platform string parsed.
 
@@ -105,7 +106,8 @@ pub struct Package {
 pub enum Source {
     /// A local file or directory, hashed by content.
     Path {
-        /// Absolute, or relative to the current directory as the recipe path was.
+        /// As written: relative to the recipe file's directory, or absolute
+        /// ([`super::Recipe::source_path`] resolves it).
         path: PathBuf,
         /// Glob patterns of paths to leave out, besides `.git` and `target`.
         exclude: Vec<String>,

@@ -300,3 +300,13 @@ fn long_dependency_chains_do_not_exhaust_the_stack() {
         &stderr(&out)[..400.min(stderr(&out).len())]
     );
 }
+
+#[test]
+fn cycles_are_reported_with_other_errors() {
+    let report = diagnose(&[(
+        "pkg.kdl",
+        "package \"a\" { build \"script\" { run \"true\" }; depends \"b\" \"nope\" }\npackage \"b\" { build \"script\" { run \"true\" }; depends \"a\" }\n",
+    )]);
+    assert!(report.contains("unknown package `nope`"), "{report}");
+    assert!(report.contains("dependency cycle: a → b → a"), "{report}");
+}
