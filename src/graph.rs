@@ -144,19 +144,22 @@ impl BuildGraph {
 struct Planner<'r> {
     recipe: &'r Recipe,
     graph: BuildGraph,
-    index: HashMap<(String, Platform), NodeId>,
+    index: HashMap<(&'r str, Platform), NodeId>,
 }
 
-impl Planner<'_> {
+impl<'r> Planner<'r> {
     /// The node of `package` on `platform`, adding it and its dependencies
     /// (post-order, so dependencies get smaller ids) if absent. The recipe is
     /// acyclic and every name resolves: [`crate::recipe::load`] checked both.
     fn node(&mut self, package: &str, platform: &Platform) -> NodeId {
-        let key = (package.to_string(), *platform);
+        let Some((name, p)) = self.recipe.packages.get_key_value(package) else {
+            unreachable!("load() checked that `{package}` is defined")
+        };
+        let key = (name.as_str(), *platform);
         if let Some(&id) = self.index.get(&key) {
             return id;
         }
-        let p: &Package = &self.recipe.packages[package];
+        let p: &'r Package = p;
         let runtime = p.depends.iter().map(|d| self.node(&d.value, platform)).collect();
         let build = p.build_depends.iter().map(|d| self.node(&d.value, platform)).collect();
         let id = self.graph.nodes.len();
