@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod digest;
+pub mod doctor;
 pub mod graph;
 pub mod key;
 pub mod platform;

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod doctor;
 mod graph;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
@@ -56,6 +57,8 @@ pub enum ColorChoice {
 pub enum Command {
     /// Print the build graph of a recipe: images, packages and their dependencies
     Graph(graph::GraphArgs),
+    /// Check that this machine can build and run images rootless, and say how to fix what is missing
+    Doctor(doctor::DoctorArgs),
     /// Print a shell completion script
     Completions {
         /// The shell to complete for
@@ -164,6 +167,7 @@ fn install_report_handler(color: bool) {
 fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
     match command {
         Command::Graph(args) => graph::run(args, settings),
+        Command::Doctor(args) => doctor::run(args, settings),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "pkg", &mut out);

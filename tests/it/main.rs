@@ -2,6 +2,7 @@
 
 mod cli;
 mod common;
+mod doctor;
 mod fuzz;
 mod graph;
 mod keys;
