@@ -26,6 +26,11 @@ if [ "$(id -u)" = 0 ] && ! id "$test_user" >/dev/null 2>&1; then
     useradd --create-home --shell /bin/sh "$test_user"
 fi
 if [ "$(id -u)" = 0 ]; then
+    # Subordinate ids for rootless tests of full-range mappings (newuidmap).
+    grep -q "^$test_user:" /etc/subuid 2>/dev/null || usermod --add-subuids 300000-365535 "$test_user"
+    grep -q "^$test_user:" /etc/subgid 2>/dev/null || usermod --add-subgids 300000-365535 "$test_user"
+fi
+if [ "$(id -u)" = 0 ]; then
     # The test user must reach the test binaries under target/.
     d=$PWD
     while [ "$d" != / ]; do
