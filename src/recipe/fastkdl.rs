@@ -720,9 +720,10 @@ mod tests {
         ]
     }
 
-    /// 3,000 generated documents per run (PROPTEST_CASES overrides; a local run
-    /// of 300,000 found no disagreement). At least a quarter must take the fast
-    /// path, or the test would prove nothing.
+    /// 3,000 generated documents per run (PROPTEST_CASES overrides; a local
+    /// run of 200,000, with integer and fraction limits in the generator, found
+    /// no disagreement). At least a quarter must take the fast path, or the
+    /// test would prove nothing.
     #[test]
     fn fast_path_agrees_with_kdl_rs() {
         let cases =
