@@ -170,6 +170,8 @@ impl Store {
         }
         let lock = root.join("lock");
         File::options().create(true).append(true).open(&lock).ctx("create", &lock)?;
+        // Pinned like any write, so a gc cleaning `tmp/` cannot take our temp file.
+        let _pin = store.pin()?;
         store.write_atomic(&version, LAYOUT_VERSION.as_bytes(), 0o644)?;
         Ok(store)
     }
