@@ -87,7 +87,8 @@ impl<R: std::io::Read> Chunker<R> {
         }
         let first = std::mem::replace(&mut self.first, false);
         if first && self.eof && data.len() <= CHUNK_MAX {
-            let cuts = if data.is_empty() { vec![] } else { vec![0..data.len()] };
+            let cuts =
+                if data.is_empty() { Vec::new() } else { std::iter::once(0..data.len()).collect() };
             return Ok(Block { data, cuts });
         }
         let (mask_s, mask_l) = self.masks;
