@@ -39,7 +39,7 @@ pub const CHUNK_MAX: usize = 1024 * 1024;
 /// Bytes read per block by [`Chunker`]: a whole number of chunks is cut from
 /// each block and handed out as slices of it, so chunk data is never copied
 /// one chunk at a time (fastcdc's `StreamCDC` copies each chunk twice).
-const BLOCK: usize = 4 * CHUNK_MAX;
+const BLOCK: usize = 2 * CHUNK_MAX;
 
 /// Cuts a stream into chunks: the whole stream when it has at most
 /// [`CHUNK_MAX`] bytes, else FastCDC 2020 (normalisation level 1) with

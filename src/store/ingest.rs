@@ -5,8 +5,9 @@
 //! - A file of at most `CHUNK_MAX` bytes is one chunk; a larger one is split by
 //!   FastCDC (see [`Chunker`]) one block of a few MiB at a time, and a block's
 //!   chunks are hashed, compressed and written in parallel while the next block
-//!   is read. Memory therefore stays at two blocks per file being ingested,
-//!   whatever the file size.
+//!   is read. Memory therefore stays at two 2 MiB blocks (plus their compressed
+//!   forms) per file in flight, and at most one file per ingest thread is in
+//!   flight, whatever the file sizes.
 //! - Only regular files, directories and symlinks are accepted. Devices, fifos
 //!   and sockets, and setuid/setgid bits, are errors naming the path. Hard links
 //!   are read as the regular files they are (dedup stores their content once).
