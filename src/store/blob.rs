@@ -36,26 +36,82 @@ pub const CHUNK_MIN: usize = 64 * 1024;
 pub const CHUNK_AVG: usize = 256 * 1024;
 pub const CHUNK_MAX: usize = 1024 * 1024;
 
-/// A file's content on its way to chunks: see [`split`].
-pub(crate) enum Split<R: std::io::Read> {
-    /// At most [`CHUNK_MAX`] bytes: one chunk (none when empty).
-    Whole(Vec<u8>),
-    /// Longer: content-defined chunks, streamed.
-    Chunked(fastcdc::v2020::StreamCDC<std::io::Chain<std::io::Cursor<Vec<u8>>, R>>),
+/// Bytes read per block by [`Chunker`]: a whole number of chunks is cut from
+/// each block and handed out as slices of it, so chunk data is never copied
+/// one chunk at a time (fastcdc's `StreamCDC` copies each chunk twice).
+const BLOCK: usize = 2 * CHUNK_MAX;
+
+/// Cuts a stream into chunks: the whole stream when it has at most
+/// [`CHUNK_MAX`] bytes, else FastCDC 2020 (normalisation level 1) with
+/// [`CHUNK_MIN`]/[`CHUNK_AVG`]/[`CHUNK_MAX`]. The cut points are those of
+/// `fastcdc::v2020::StreamCDC` with the same parameters: a cut is only searched
+/// where at least `CHUNK_MAX` bytes are buffered, or at the end of the stream.
+/// Ingest and verification both chunk through this, so chunking is one pure
+/// function of the bytes, and it never trusts a file size that may be changing.
+pub(crate) struct Chunker<R> {
+    reader: R,
+    /// Bytes after the last cut, to start the next block with.
+    carry: Vec<u8>,
+    eof: bool,
+    first: bool,
+    masks: (u64, u64),
 }
 
-/// Decides how `reader`'s content is chunked. Ingest and verification both use
-/// this, so chunking is one pure function of the bytes. Reads one byte past
-/// [`CHUNK_MAX`] rather than trusting a file size that may be changing.
-pub(crate) fn split<R: std::io::Read>(mut reader: R) -> std::io::Result<Split<R>> {
-    use std::io::Read;
-    let mut head = Vec::new();
-    (&mut reader).take(CHUNK_MAX as u64 + 1).read_to_end(&mut head)?;
-    if head.len() <= CHUNK_MAX {
-        return Ok(Split::Whole(head));
+/// Consecutive chunks of a stream: `data[range]` for each range in `cuts`.
+pub(crate) struct Block {
+    pub data: Vec<u8>,
+    pub cuts: Vec<std::ops::Range<usize>>,
+}
+
+impl Block {
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
+        self.cuts.iter().map(|r| &self.data[r.clone()])
     }
-    let source = std::io::Cursor::new(head).chain(reader);
-    Ok(Split::Chunked(fastcdc::v2020::StreamCDC::new(source, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)))
+}
+
+impl<R: std::io::Read> Chunker<R> {
+    pub fn new(reader: R) -> Self {
+        let masks = fastcdc::v2020::select_masks(CHUNK_AVG, fastcdc::v2020::Normalization::Level1);
+        Chunker { reader, carry: Vec::new(), eof: false, first: true, masks }
+    }
+
+    /// The next block of whole chunks; one with no cuts means the stream is done.
+    pub fn next_block(&mut self) -> std::io::Result<Block> {
+        let mut data = Vec::with_capacity(BLOCK.max(self.carry.len()));
+        data.append(&mut self.carry);
+        if !self.eof {
+            use std::io::Read;
+            let want = BLOCK.saturating_sub(data.len());
+            let got = (&mut self.reader).take(want as u64).read_to_end(&mut data)?;
+            self.eof = got < want;
+        }
+        let first = std::mem::replace(&mut self.first, false);
+        if first && self.eof && data.len() <= CHUNK_MAX {
+            let cuts =
+                if data.is_empty() { Vec::new() } else { std::iter::once(0..data.len()).collect() };
+            return Ok(Block { data, cuts });
+        }
+        let (mask_s, mask_l) = self.masks;
+        let mut cuts = Vec::new();
+        let mut pos = 0;
+        while data.len() - pos >= CHUNK_MAX || (self.eof && pos < data.len()) {
+            let (_, n) = fastcdc::v2020::cut(
+                &data[pos..],
+                CHUNK_MIN,
+                CHUNK_AVG,
+                CHUNK_MAX,
+                mask_s,
+                mask_l,
+                mask_s << 1,
+                mask_l << 1,
+            );
+            cuts.push(pos..pos + n);
+            pos += n;
+        }
+        self.carry = data[pos..].to_vec();
+        data.truncate(pos);
+        Ok(Block { data, cuts })
+    }
 }
 
 /// Why a stored blob is unusable.
@@ -195,6 +251,42 @@ mod tests {
         let stored = encode(&raw).to_vec();
         assert_eq!(stored[4], RAW);
         assert_eq!(decode(&stored, &Digest::of(&raw)).unwrap(), raw);
+    }
+
+    fn chunk_all(data: &[u8]) -> Vec<Vec<u8>> {
+        let mut chunker = Chunker::new(data);
+        let mut out = Vec::new();
+        loop {
+            let block = chunker.next_block().unwrap();
+            if block.cuts.is_empty() {
+                return out;
+            }
+            out.extend(block.chunks().map(<[u8]>::to_vec));
+        }
+    }
+
+    #[test]
+    fn chunker_cuts_where_fastcdc_streaming_cuts() {
+        let mut data = vec![0u8; 9_000_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut data);
+        let ours = chunk_all(&data);
+        let theirs: Vec<Vec<u8>> =
+            fastcdc::v2020::StreamCDC::new(&data[..], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                .map(|c| c.unwrap().data)
+                .collect();
+        assert!(ours.len() > 10);
+        let lens = |v: &Vec<Vec<u8>>| v.iter().map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(lens(&ours), lens(&theirs));
+        assert!(ours == theirs, "cut points differ");
+    }
+
+    #[test]
+    fn small_streams_are_one_chunk() {
+        assert!(chunk_all(b"").is_empty());
+        assert_eq!(chunk_all(b"abc"), [b"abc".to_vec()]);
+        let limit = vec![7u8; CHUNK_MAX];
+        assert_eq!(chunk_all(&limit).len(), 1);
+        assert!(chunk_all(&vec![7u8; CHUNK_MAX + 1]).len() > 1);
     }
 
     #[test]

@@ -23,6 +23,9 @@ use super::tree::{FileNode, Node};
 use super::{IoContext, Result, Store, StoreError};
 use crate::digest::Digest;
 
+/// Linux's "too many links"; `io::ErrorKind::TooManyLinks` is not stable yet.
+const EMLINK: i32 = 31;
+
 /// Write bits, which a checkout never grants.
 const WRITE_BITS: u32 = 0o222;
 
@@ -88,7 +91,11 @@ impl Store {
         }
         match std::fs::hard_link(&cached, path) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+            // Another filesystem, or an inode at its link limit (EMLINK): copy instead.
+            Err(e)
+                if e.kind() == io::ErrorKind::CrossesDevices
+                    || e.raw_os_error() == Some(EMLINK) =>
+            {
                 std::fs::copy(&cached, path).ctx("copy a cached file to", path)?;
                 set_mode(path, file.permissions().bits() & !WRITE_BITS)
             }

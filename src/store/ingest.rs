@@ -2,10 +2,12 @@
 //!
 //! - Directory entries are processed in parallel (rayon); each directory's tree
 //!   is stored after all of its children, so a tree never names a missing object.
-//! - A file of at most [`CHUNK_MAX`] bytes is one chunk; a larger one is split by
-//!   FastCDC (2020, streaming) and its chunks are hashed, compressed and written in
-//!   bounded batches while the next batch is being read. Memory therefore stays
-//!   at a few batches per worker thread whatever the file size.
+//! - A file of at most `CHUNK_MAX` bytes is one chunk; a larger one is split by
+//!   FastCDC (see [`Chunker`]) one block of a few MiB at a time, and a block's
+//!   chunks are hashed, compressed and written in parallel while the next block
+//!   is read. Memory therefore stays at two 2 MiB blocks (plus their compressed
+//!   forms) per file in flight, and at most one file per ingest thread is in
+//!   flight, whatever the file sizes.
 //! - Only regular files, directories and symlinks are accepted. Devices, fifos
 //!   and sockets, and setuid/setgid bits, are errors naming the path. Hard links
 //!   are read as the regular files they are (dedup stores their content once).
@@ -16,10 +18,9 @@ use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
-use fastcdc::v2020::StreamCDC;
 use rayon::prelude::*;
 
-use super::blob::{Split, split};
+use super::blob::Chunker;
 use super::tree::{
     Chunk, DirNode, FileNode, Node, PathComponent, Permissions, SymlinkTarget, Tree,
 };
@@ -56,9 +57,6 @@ fn in_ingest_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
         Err(_) => f(),
     }
 }
-
-/// Most bytes of chunk data held in one batch before it is stored.
-const BATCH_BYTES: usize = 2 * 1024 * 1024;
 
 impl Store {
     /// Ingests the directory `dir` (not following symlinks), leaving out what
@@ -184,51 +182,31 @@ impl Store {
     /// Chunks, stores and lists the content of `reader`. Errors from reading are
     /// `io::Error`s; store errors travel inside them (`io::Error::other`).
     fn store_content(&self, reader: impl Read + Send) -> std::io::Result<(Vec<Chunk>, u64)> {
-        let mut cdc = match split(reader)? {
-            Split::Whole(head) if head.is_empty() => return Ok((vec![], 0)),
-            Split::Whole(head) => {
-                let digest = self.put_blob(&head).map_err(std::io::Error::other)?;
-                return Ok((vec![Chunk { digest, size: head.len() as u32 }], head.len() as u64));
-            }
-            Split::Chunked(cdc) => cdc,
-        };
+        let mut chunker = Chunker::new(reader);
         let mut chunks = Vec::new();
-        let mut batch = next_batch(&mut cdc)?;
-        while !batch.is_empty() {
+        let mut block = chunker.next_block()?;
+        while !block.cuts.is_empty() {
+            // Store this block's chunks while the next block is read.
             let (stored, next) = rayon::join(
                 || {
-                    batch
+                    block
+                        .cuts
                         .par_iter()
-                        .map(|data| {
+                        .map(|range| {
+                            let data = &block.data[range.clone()];
                             let digest = self.put_blob(data)?;
                             Ok(Chunk { digest, size: data.len() as u32 })
                         })
                         .collect::<Result<Vec<_>>>()
                 },
-                || next_batch(&mut cdc),
+                || chunker.next_block(),
             );
             chunks.extend(stored.map_err(std::io::Error::other)?);
-            batch = next?;
+            block = next?;
         }
         let size = chunks.iter().map(|c| u64::from(c.size)).sum();
         Ok((chunks, size))
     }
-}
-
-fn next_batch<R: Read>(cdc: &mut StreamCDC<R>) -> std::io::Result<Vec<Vec<u8>>> {
-    let mut batch = Vec::new();
-    let mut bytes = 0;
-    while bytes < BATCH_BYTES {
-        match cdc.next() {
-            None => break,
-            Some(Ok(chunk)) => {
-                bytes += chunk.length;
-                batch.push(chunk.data);
-            }
-            Some(Err(e)) => return Err(e.into()),
-        }
-    }
-    Ok(batch)
 }
 
 fn permissions(path: &Path, metadata: &Metadata) -> Result<Permissions> {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::blob::{self, Split};
+use super::blob;
 use super::tree::{Chunk, FileNode, Node, Permissions};
 use super::{IoContext, ObjectKind, Result, Store, StoreError};
 use crate::digest::Digest;
@@ -361,16 +361,16 @@ fn cached_file_matches(name: &str, path: &Path) -> Result<bool> {
 
 /// The chunk list ingest would produce for `reader`, without storing anything.
 fn chunk_digests(reader: impl Read) -> io::Result<(Vec<Chunk>, u64)> {
-    let chunks = match blob::split(reader)? {
-        Split::Whole(head) if head.is_empty() => vec![],
-        Split::Whole(head) => vec![Chunk { digest: Digest::of(&head), size: head.len() as u32 }],
-        Split::Chunked(cdc) => cdc
-            .map(|chunk| {
-                let chunk = chunk.map_err(io::Error::from)?;
-                Ok(Chunk { digest: Digest::of(&chunk.data), size: chunk.length as u32 })
-            })
-            .collect::<io::Result<_>>()?,
-    };
+    let mut chunker = blob::Chunker::new(reader);
+    let mut chunks = Vec::new();
+    loop {
+        let block = chunker.next_block()?;
+        if block.cuts.is_empty() {
+            break;
+        }
+        chunks
+            .extend(block.chunks().map(|c| Chunk { digest: Digest::of(c), size: c.len() as u32 }));
+    }
     let size = chunks.iter().map(|c| u64::from(c.size)).sum();
     Ok((chunks, size))
 }

@@ -170,6 +170,8 @@ impl Store {
         }
         let lock = root.join("lock");
         File::options().create(true).append(true).open(&lock).ctx("create", &lock)?;
+        // Pinned like any write, so a gc cleaning `tmp/` cannot take our temp file.
+        let _pin = store.pin()?;
         store.write_atomic(&version, LAYOUT_VERSION.as_bytes(), 0o644)?;
         Ok(store)
     }
@@ -230,7 +232,9 @@ impl Store {
         sync_parent(path)
     }
 
-    /// Stores one chunk of content; returns its digest. Already-present blobs are not rewritten.
+    /// Stores one chunk of content (at most [`blob::CHUNK_MAX`] bytes); returns its
+    /// digest. Already-present blobs are not rewritten. Callers outside ingest hold
+    /// a [`Pin`] until a tree that names the blob is referenced.
     pub fn put_blob(&self, raw: &[u8]) -> Result<Digest> {
         let digest = Digest::of(raw);
         let path = self.object_path(ObjectKind::Blob, &digest);
@@ -248,6 +252,7 @@ impl Store {
     }
 
     /// Stores a tree whose children are already stored; returns its digest.
+    /// Hold a [`Pin`] until a ref names it (see [`Store::pin`]).
     pub fn put_tree(&self, tree: &Tree) -> Result<Digest> {
         let bytes = tree.encode();
         let digest = Digest::of(&bytes);
