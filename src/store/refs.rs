@@ -29,6 +29,9 @@ impl RefName {
             Some("names cannot start with `.` or `/`")
         } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+:@/".contains(&b)) {
             Some("names use only letters, digits and `._-+:@/`")
+        } else if name.split('/').any(|part| part.is_empty() || part.starts_with('.')) {
+            // Names become paths under refs/: no `..`, no hidden or empty parts.
+            Some("each `/`-separated part of a name is non-empty and does not start with `.`")
         } else {
             None
         };
@@ -253,7 +256,7 @@ mod tests {
             let name = RefName::new(good).unwrap();
             assert_eq!(RefName::from_file_name(&name.file_name()), Some(name));
         }
-        for bad in ["", ".hidden", "/abs", "a b", "a%b", &"x".repeat(201)] {
+        for bad in ["", ".hidden", "/abs", "a b", "a%b", "a/../b", "a//b", "a/", &"x".repeat(201)] {
             assert!(RefName::new(bad).is_err(), "{bad:?} accepted");
         }
     }
