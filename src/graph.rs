@@ -84,7 +84,7 @@ impl BuildGraph {
                 })
                 .collect::<Result<_, _>>()?,
         };
-        let mut planner = Planner { recipe, graph: BuildGraph::default(), index: HashMap::new() };
+        let mut planner = Planner::new(recipe);
         for name in names {
             let image = &recipe.images[name];
             let platforms: Vec<Platform> = if !selection.platforms.is_empty() {
@@ -106,7 +106,7 @@ impl BuildGraph {
 
     /// Every package of a recipe for one platform, whether or not an image uses it.
     pub fn plan_all_packages(recipe: &Recipe, platform: &Platform) -> BuildGraph {
-        let mut planner = Planner { recipe, graph: BuildGraph::default(), index: HashMap::new() };
+        let mut planner = Planner::new(recipe);
         for name in recipe.packages.keys() {
             planner.node(name, platform);
         }
@@ -141,35 +141,90 @@ impl BuildGraph {
     }
 }
 
+/// Plans nodes over dense package indices: names are resolved once, so
+/// planning compares integers, not strings.
 struct Planner<'r> {
-    recipe: &'r Recipe,
+    /// Packages in name order; a package's index is its position.
+    packages: Vec<(&'r str, &'r Package)>,
+    /// Each package's (runtime, build) dependencies as indices.
+    edges: Vec<(Vec<usize>, Vec<usize>)>,
+    /// Platforms seen so far; a platform's index is its position.
+    platforms: Vec<Platform>,
+    /// `index[platform][package]`: the node, once planned.
+    index: Vec<Vec<Option<NodeId>>>,
     graph: BuildGraph,
-    index: HashMap<(&'r str, Platform), NodeId>,
 }
 
 impl<'r> Planner<'r> {
+    fn new(recipe: &'r Recipe) -> Self {
+        let packages: Vec<(&'r str, &'r Package)> =
+            recipe.packages.iter().map(|(name, p)| (name.as_str(), p)).collect();
+        let ids: HashMap<&str, usize> =
+            packages.iter().enumerate().map(|(i, (name, _))| (*name, i)).collect();
+        // load() checked that every name resolves.
+        let resolve = |names: &[crate::recipe::Spanned<String>]| -> Vec<usize> {
+            names.iter().filter_map(|d| ids.get(d.value.as_str()).copied()).collect()
+        };
+        let edges = packages
+            .iter()
+            .map(|(_, p)| (resolve(&p.depends), resolve(&p.build_depends)))
+            .collect();
+        Planner {
+            packages,
+            edges,
+            platforms: Vec::new(),
+            index: Vec::new(),
+            graph: BuildGraph::default(),
+        }
+    }
+
+    fn package_index(&self, name: &str) -> usize {
+        match self.packages.binary_search_by(|(n, _)| (*n).cmp(name)) {
+            Ok(i) => i,
+            Err(_) => unreachable!("load() checked that `{name}` is defined"),
+        }
+    }
+
+    fn platform_index(&mut self, platform: Platform) -> usize {
+        if let Some(i) = self.platforms.iter().position(|p| *p == platform) {
+            return i;
+        }
+        self.platforms.push(platform);
+        self.index.push(vec![None; self.packages.len()]);
+        self.platforms.len() - 1
+    }
+
     /// The node of `package` on `platform`, adding it and its dependencies
     /// (post-order, so dependencies get smaller ids) if absent. The recipe is
     /// acyclic and every name resolves: [`crate::recipe::load`] checked both.
     fn node(&mut self, package: &str, platform: &Platform) -> NodeId {
-        let Some((name, p)) = self.recipe.packages.get_key_value(package) else {
-            unreachable!("load() checked that `{package}` is defined")
-        };
-        let key = (name.as_str(), *platform);
-        if let Some(&id) = self.index.get(&key) {
+        let package = self.package_index(package);
+        let platform = self.platform_index(*platform);
+        self.node_at(package, platform)
+    }
+
+    fn node_at(&mut self, package: usize, platform: usize) -> NodeId {
+        if let Some(id) = self.index[platform][package] {
             return id;
         }
-        let p: &'r Package = p;
-        let runtime = p.depends.iter().map(|d| self.node(&d.value, platform)).collect();
-        let build = p.build_depends.iter().map(|d| self.node(&d.value, platform)).collect();
+        let mut runtime = Vec::with_capacity(self.edges[package].0.len());
+        for k in 0..self.edges[package].0.len() {
+            let dep = self.edges[package].0[k];
+            runtime.push(self.node_at(dep, platform));
+        }
+        let mut build = Vec::with_capacity(self.edges[package].1.len());
+        for k in 0..self.edges[package].1.len() {
+            let dep = self.edges[package].1[k];
+            build.push(self.node_at(dep, platform));
+        }
         let id = self.graph.nodes.len();
         self.graph.nodes.push(BuildNode {
-            package: package.to_string(),
-            platform: *platform,
+            package: self.packages[package].0.to_string(),
+            platform: self.platforms[platform],
             runtime,
             build,
         });
-        self.index.insert(key, id);
+        self.index[platform][package] = Some(id);
         id
     }
 }

@@ -219,60 +219,75 @@ impl Loader {
         }
     }
 
-    /// Reports each cycle of `depends` ∪ `build-depends` once, at the edge that closes it.
+    /// Reports each cycle of `depends` ∪ `build-depends` once, at the edge that
+    /// closes it. Iterative depth-first search over package indices, so long
+    /// dependency chains cannot exhaust the stack.
     fn check_cycles(&mut self, packages: &BTreeMap<String, Package>) {
+        let names: Vec<&str> = packages.keys().map(String::as_str).collect();
+        let ids: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        // Each package's edges as (target index, span); unknown names are
+        // check_references's business and are skipped here.
+        let edges: Vec<Vec<(usize, Span)>> = packages
+            .values()
+            .map(|p| {
+                p.depends
+                    .iter()
+                    .chain(&p.build_depends)
+                    .filter_map(|d| ids.get(d.value.as_str()).map(|&i| (i, d.span)))
+                    .collect()
+            })
+            .collect();
         #[derive(Clone, Copy, PartialEq)]
         enum Mark {
+            New,
             Active,
             Done,
         }
-        fn edges(p: &Package) -> impl Iterator<Item = &Spanned<String>> {
-            p.depends.iter().chain(&p.build_depends)
-        }
-        fn dfs<'a>(
-            name: &'a str,
-            packages: &'a BTreeMap<String, Package>,
-            marks: &mut HashMap<&'a str, Mark>,
-            path: &mut Vec<&'a str>,
-            found: &mut Vec<(Vec<String>, Span)>,
-        ) {
-            marks.insert(name, Mark::Active);
-            path.push(name);
-            for dep in edges(&packages[name]) {
-                let dep_name = dep.value.as_str();
-                if !packages.contains_key(dep_name) {
-                    continue; // an unknown package, reported by check_references
-                }
-                match marks.get(dep_name) {
-                    Some(Mark::Active) => {
-                        let start = path.iter().position(|n| *n == dep_name).unwrap_or(0);
-                        let mut cycle: Vec<String> =
-                            path[start..].iter().map(|s| s.to_string()).collect();
-                        cycle.push(dep_name.to_string());
-                        found.push((cycle, dep.span));
-                    }
-                    Some(Mark::Done) => {}
-                    None => dfs(dep_name, packages, marks, path, found),
-                }
+        let mut marks = vec![Mark::New; names.len()];
+        let mut found: Vec<(Vec<usize>, Span)> = Vec::new();
+        for root in 0..names.len() {
+            if marks[root] != Mark::New {
+                continue;
             }
-            path.pop();
-            marks.insert(name, Mark::Done);
-        }
-        let mut marks = HashMap::new();
-        let mut found = Vec::new();
-        for name in packages.keys() {
-            if !marks.contains_key(name.as_str()) {
-                dfs(name, packages, &mut marks, &mut Vec::new(), &mut found);
+            // The current path, each with the index of its next edge to follow.
+            let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
+            marks[root] = Mark::Active;
+            while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+                let Some(&(dep, span)) = edges[node].get(*next) else {
+                    marks[node] = Mark::Done;
+                    stack.pop();
+                    continue;
+                };
+                *next += 1;
+                match marks[dep] {
+                    Mark::Active => {
+                        let start = stack.iter().position(|(n, _)| *n == dep).unwrap_or(0);
+                        let mut cycle: Vec<usize> =
+                            stack[start..].iter().map(|(n, _)| *n).collect();
+                        cycle.push(dep);
+                        found.push((cycle, span));
+                    }
+                    Mark::Done => {}
+                    Mark::New => {
+                        marks[dep] = Mark::Active;
+                        stack.push((dep, 0));
+                    }
+                }
             }
         }
         let mut seen = HashSet::new();
         for (cycle, span) in found {
-            let mut members: Vec<&String> = cycle[..cycle.len() - 1].iter().collect();
-            members.sort();
-            if seen.insert(members.into_iter().cloned().collect::<Vec<_>>()) {
+            let mut members = cycle[..cycle.len() - 1].to_vec();
+            members.sort_unstable();
+            if seen.insert(members) {
+                let path: Vec<&str> = cycle.iter().map(|&i| names[i]).collect();
                 self.issues.push(
-                    Issue::new(Problem::DependencyCycle(cycle.join(" → ")), span, "this dependency closes the cycle")
-                        .help("packages cannot depend on themselves, directly or through others; remove one of these dependencies"),
+                    Issue::new(
+                        Problem::DependencyCycle(path.join(" → ")),
+                        span,
+                        "this dependency closes the cycle",
+                    )
+                    .help("packages cannot depend on themselves, directly or through others; remove one of these dependencies"),
                 );
             }
         }
