@@ -653,6 +653,7 @@ impl Decoder<'_> {
             created: None,
         };
         let mut seen = Vec::new();
+        let mut listed = std::collections::HashSet::new();
         for child in self.children(node, &IMAGE_NODES, &context) {
             let kind = child.name.as_str();
             if kind != "env" && kind != "label" {
@@ -672,7 +673,7 @@ impl Decoder<'_> {
             match kind {
                 "contents" => {
                     for name in self.strings(child, 1, "a package name") {
-                        if image.contents.iter().any(|c| c.value == name.value) {
+                        if !listed.insert(name.value.clone()) {
                             self.invalid(
                                 name.span,
                                 "contents",
