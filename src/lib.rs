@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod digest;
 pub mod graph;
+pub mod image;
 pub mod key;
 pub mod platform;
 pub mod recipe;
