@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod graph;
+mod images;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
@@ -61,6 +62,11 @@ pub enum Command {
         /// The shell to complete for
         shell: clap_complete::Shell,
     },
+    /// List the images recorded in the store: name, platforms, digest, size
+    Images(images::ImagesArgs),
+    /// Assemble an OCI image from package trees already in the store (plumbing)
+    #[command(hide = true)]
+    Assemble(images::AssembleArgs),
     /// Inspect and maintain the content-addressed store
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -159,6 +165,8 @@ fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
             write_stdout(&out)
         }
         Command::Store(command) => store::run(command, settings),
+        Command::Images(args) => images::run(args, settings),
+        Command::Assemble(args) => images::assemble(args, settings),
     }
 }
 
