@@ -29,7 +29,8 @@ use crate::store::{CachedLayer, DirNode, Node, PathComponent, Store, Tree};
 
 /// Version of the tar and compression format; part of every [`LayerKey`], so
 /// changing how layers are written can never reuse a stale cached layer.
-pub const LAYER_FORMAT: &str = "pkg-layer 1: gnu tar, sorted paths, flate2 1.1.11 miniz_oxide 0.9.1, zstd 0.14.3";
+pub const LAYER_FORMAT: &str =
+    "pkg-layer 1: gnu tar, sorted paths, flate2 1.1.11 miniz_oxide 0.9.1, zstd 0.14.3";
 
 /// gzip level. Level 1 of miniz_oxide is several times faster than `gzip -6`
 /// (see benches/image.rs) at a few per cent larger output, and layers are written
@@ -72,11 +73,7 @@ impl LayerKey {
 ///
 /// Subtrees with equal digests are not descended into, so merging a package
 /// with itself, or checking packages that share directories, stays cheap.
-pub fn merge(
-    store: &Store,
-    sources: &[(&str, Digest)],
-    write: bool,
-) -> Result<Digest, ImageError> {
+pub fn merge(store: &Store, sources: &[(&str, Digest)], write: bool) -> Result<Digest, ImageError> {
     merge_at(store, sources, Path::new(""), write)
 }
 
@@ -167,10 +164,8 @@ impl<W: Write> Write for HashingWriter<W> {
 /// Every entry of a tree with its full relative path, sorted by path bytes.
 fn sorted_entries(store: &Store, tree: &Digest) -> Result<Vec<(PathBuf, Node)>, ImageError> {
     use std::os::unix::ffi::OsStrExt;
-    let mut entries: Vec<(PathBuf, Node)> = store
-        .walk(tree)
-        .map(|e| e.map(|e| (e.path, e.node)))
-        .collect::<Result<_, _>>()?;
+    let mut entries: Vec<(PathBuf, Node)> =
+        store.walk(tree).map(|e| e.map(|e| (e.path, e.node))).collect::<Result<_, _>>()?;
     entries.sort_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
     Ok(entries)
 }

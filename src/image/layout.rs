@@ -94,7 +94,12 @@ fn open_blob(store: &Store, blob: &BlobRef) -> Result<File> {
 }
 
 /// Copies `reader` into `out`, failing unless it hashes to `blob`.
-fn copy_verified(reader: impl Read, mut out: impl Write, blob: &BlobRef, from: &Path) -> Result<()> {
+fn copy_verified(
+    reader: impl Read,
+    mut out: impl Write,
+    blob: &BlobRef,
+    from: &Path,
+) -> Result<()> {
     let mut hashing = super::layer::HashingWriter::new(&mut out);
     io::copy(&mut io::BufReader::with_capacity(256 * 1024, reader), &mut hashing)
         .map_err(io_err("copy", from))?;
@@ -154,7 +159,8 @@ pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) ->
     let index_path = dir.join("index.json");
     let mut manifests: Vec<(String, serde_json::Value)> = match std::fs::read(&index_path) {
         Ok(bytes) => {
-            let invalid = |reason: String| ImageError::InvalidLayout { path: dir.to_path_buf(), reason };
+            let invalid =
+                |reason: String| ImageError::InvalidLayout { path: dir.to_path_buf(), reason };
             let old: serde_json::Value =
                 serde_json::from_slice(&bytes).map_err(|e| invalid(format!("index.json: {e}")))?;
             let list = old.get("manifests").and_then(|m| m.as_array()).cloned().unwrap_or_default();
@@ -195,7 +201,8 @@ pub fn write_oci_archive(store: &Store, path: &Path, images: &[AssembledImage]) 
     let index = index_json(manifests.into_iter().map(|(_, d)| d).collect());
     {
         let tar_err = io_err("write", path);
-        let mut tar = tar::Builder::new(io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut()));
+        let mut tar =
+            tar::Builder::new(io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut()));
         let header = |kind: tar::EntryType, mode: u32, size: u64| {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(kind);
@@ -208,7 +215,11 @@ pub fn write_oci_archive(store: &Store, path: &Path, images: &[AssembledImage]) 
         };
         let result = (|| -> io::Result<()> {
             // Sorted by path bytes: blobs/ < blobs/sha256/ < blobs/sha256/HEX < index.json < oci-layout.
-            tar.append_data(&mut header(tar::EntryType::Directory, 0o755, 0), "blobs/", io::empty())?;
+            tar.append_data(
+                &mut header(tar::EntryType::Directory, 0o755, 0),
+                "blobs/",
+                io::empty(),
+            )?;
             tar.append_data(
                 &mut header(tar::EntryType::Directory, 0o755, 0),
                 "blobs/sha256/",

@@ -38,12 +38,12 @@ use std::path::PathBuf;
 
 use rayon::prelude::*;
 
-pub use crate::recipe::Compression;
 use crate::digest::Digest;
 use crate::platform::Platform;
+pub use crate::recipe::Compression;
 use crate::recipe::Port;
 use crate::store::{ImageRecord, RefName, Store, StoreError};
-pub use layout::{LayoutReport, write_oci_archive, write_oci_layout, verify_oci_layout};
+pub use layout::{LayoutReport, verify_oci_layout, write_oci_archive, write_oci_layout};
 
 /// Default most layers per image (see the module docs for why 32).
 pub const DEFAULT_MAX_LAYERS: usize = 32;

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod fuzz;
 mod graph;
+mod image;
 mod keys;
 mod recipe;
 mod rootless;
