@@ -55,7 +55,8 @@ fn make_packages(root: &Path, count: usize, bytes: u64) -> Vec<std::path::PathBu
 }
 
 fn bench(c: &mut Criterion) {
-    let mib: u64 = std::env::var("PKG_BENCH_IMAGE_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let mib: u64 =
+        std::env::var("PKG_BENCH_IMAGE_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
     let tmp = tempfile::tempdir().unwrap();
     let dirs = make_packages(&tmp.path().join("src"), 4, mib * MIB);
     let store = Store::open(&tmp.path().join("store")).unwrap();
@@ -70,7 +71,10 @@ fn bench(c: &mut Criterion) {
     let spec = ImageSpec {
         name: "bench".into(),
         config: ImageConfig::default(),
-        platforms: vec![PlatformContents { platform: Platform::host(), packages: packages.clone() }],
+        platforms: vec![PlatformContents {
+            platform: Platform::host(),
+            packages: packages.clone(),
+        }],
         created: 0,
     };
     let options = AssembleOptions::default();
@@ -90,7 +94,8 @@ fn bench(c: &mut Criterion) {
     image::assemble(&store, std::slice::from_ref(&spec), &options).unwrap();
     group.bench_function("warm", |b| {
         b.iter(|| {
-            let (_, stats) = image::assemble(&store, std::slice::from_ref(&spec), &options).unwrap();
+            let (_, stats) =
+                image::assemble(&store, std::slice::from_ref(&spec), &options).unwrap();
             assert_eq!(stats.layers_built, 0);
         })
     });
