@@ -82,6 +82,8 @@ pub enum ImageError {
     InvalidLayout { path: PathBuf, reason: String },
     #[error("blob {digest} in {} is corrupt: {reason}", layout.display())]
     CorruptBlob { layout: PathBuf, digest: String, reason: String },
+    #[error("image `{image}` needs package `{package}` for {platform}, but it has no output tree")]
+    MissingOutput { image: String, package: String, platform: String },
     #[error("image record `{name}` is not readable by this pkg: {reason}")]
     BadRecord { name: String, reason: String },
 }
@@ -247,6 +249,46 @@ pub struct AssembleStats {
     pub layers_built: usize,
     /// Layers found in the layer cache.
     pub layers_cached: usize,
+}
+
+/// The [`ImageSpec`]s of a planned graph, one per image with all its planned
+/// platforms, in the graph's order. `outputs` gives each built node's tree;
+/// `default_created` is what an image without `created` gets (the caller
+/// resolves `SOURCE_DATE_EPOCH`, else 0).
+pub fn specs_from_graph(
+    recipe: &crate::recipe::Recipe,
+    graph: &crate::graph::BuildGraph,
+    outputs: &HashMap<crate::graph::NodeId, Digest>,
+    default_created: i64,
+) -> Result<Vec<ImageSpec>> {
+    let mut specs: Vec<ImageSpec> = Vec::new();
+    for target in &graph.images {
+        let image = &recipe.images[&target.image];
+        let packages = target
+            .closure
+            .iter()
+            .map(|&id| {
+                let node = &graph.nodes[id];
+                let tree = outputs.get(&id).ok_or_else(|| ImageError::MissingOutput {
+                    image: target.image.clone(),
+                    package: node.package.clone(),
+                    platform: node.platform.to_string(),
+                })?;
+                Ok(PackageTree { name: node.package.clone(), tree: *tree })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let contents = PlatformContents { platform: target.platform, packages };
+        match specs.iter_mut().find(|s| s.name == target.image) {
+            Some(spec) => spec.platforms.push(contents),
+            None => specs.push(ImageSpec {
+                name: target.image.clone(),
+                config: ImageConfig::from_recipe(image),
+                platforms: vec![contents],
+                created: image.created.unwrap_or(default_created),
+            }),
+        }
+    }
+    Ok(specs)
 }
 
 /// Format tag of the metadata pkg keeps in an image record.

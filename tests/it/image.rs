@@ -735,3 +735,47 @@ crate::rootless_test! {
         assert_eq!(stdout(&run), "hello from pkg\n");
     }
 }
+
+#[test]
+fn image_specs_follow_the_build_graph() {
+    let ctx = TestContext::new();
+    let recipe = ctx.write(
+        "pkg.kdl",
+        r#"
+package "app" { build "script" { run "true" }; depends "certs" }
+package "certs" { build "script" { run "true" } }
+image "app" {
+    contents "app"
+    platforms "linux/amd64" "linux/arm64"
+    entrypoint "/usr/bin/app"
+    compression "zstd"
+}
+"#,
+    );
+    let recipe = pkg::recipe::load(&recipe).unwrap();
+    let graph =
+        pkg::graph::BuildGraph::plan(&recipe, &pkg::graph::Selection::all(amd64())).unwrap();
+    let mut outputs = std::collections::HashMap::new();
+    for (id, node) in graph.nodes.iter().enumerate() {
+        outputs.insert(id, Digest::of(format!("{}-{}", node.package, node.platform).as_bytes()));
+    }
+    let specs = image::specs_from_graph(&recipe, &graph, &outputs, 42).unwrap();
+    assert_eq!(specs.len(), 1);
+    let spec = &specs[0];
+    assert_eq!((spec.name.as_str(), spec.created), ("app", 42));
+    assert_eq!(spec.config.entrypoint, ["/usr/bin/app"]);
+    assert_eq!(spec.config.compression, Compression::Zstd);
+    let platforms: Vec<String> = spec.platforms.iter().map(|p| p.platform.to_string()).collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    for contents in &spec.platforms {
+        let names: Vec<&str> = contents.packages.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["certs", "app"], "dependencies first");
+        assert_eq!(
+            contents.packages[1].tree,
+            Digest::of(format!("app-{}", contents.platform).as_bytes())
+        );
+    }
+    outputs.remove(&0);
+    let err = image::specs_from_graph(&recipe, &graph, &outputs, 0).unwrap_err();
+    assert!(matches!(err, ImageError::MissingOutput { .. }), "{err:?}");
+}
