@@ -29,7 +29,7 @@
 //!   `FROM` ours add their own layers on top, so we keep most of that budget free;
 //!   32 layers also pull well in parallel without per-layer overhead dominating.
 
-mod gzip;
+pub mod gzip;
 pub mod layer;
 mod layout;
 pub mod oci;
