@@ -11,7 +11,9 @@
 //! Invariant: the output is a pure function of the input bytes and the level.
 //! Block boundaries never depend on how `write` is called or on the number of
 //! threads, and blocks are written in input order; only *where* a block is
-//! compressed varies. Blocks are compressed in batches of [`BATCH`] on rayon.
+//! compressed varies. A background thread takes full blocks from a bounded
+//! queue and compresses whatever is queued (up to [`BATCH`]) in parallel on
+//! rayon, so compression overlaps with producing the tar.
 
 use std::io::{self, Write};
 
@@ -22,89 +24,117 @@ use rayon::prelude::*;
 /// against one stream (each block restarts with an empty window).
 pub const BLOCK: usize = 1024 * 1024;
 
-/// Blocks compressed together (bounds memory to about 2 × BATCH × BLOCK).
+/// Most blocks queued or compressed together (bounds memory to about 3 × BATCH × BLOCK).
 const BATCH: usize = 16;
 
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 
-/// A gzip writer that compresses blocks in parallel; call [`GzWriter::finish`].
-pub struct GzWriter<W: Write> {
-    inner: W,
-    level: u32,
-    /// Full blocks waiting to be compressed, and the partial one being filled.
-    pending: Vec<Vec<u8>>,
-    crc: flate2::Crc,
-    header_written: bool,
+/// What the producer sends to the compressing thread.
+enum Message {
+    Block(Vec<u8>),
+    Last(Vec<u8>),
 }
 
-impl<W: Write> GzWriter<W> {
+/// A gzip writer that compresses blocks in parallel on a background thread
+/// (which fans batches out to rayon) while the caller produces the next ones;
+/// call [`GzWriter::finish`].
+pub struct GzWriter<W: Write + Send + 'static> {
+    current: Vec<u8>,
+    crc: flate2::Crc,
+    sender: Option<std::sync::mpsc::SyncSender<Message>>,
+    worker: Option<std::thread::JoinHandle<io::Result<W>>>,
+}
+
+impl<W: Write + Send + 'static> GzWriter<W> {
     pub fn new(inner: W, level: u32) -> Self {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Message>(BATCH);
+        let worker = std::thread::spawn(move || compress_stream(inner, level, receiver));
         GzWriter {
-            inner,
-            level,
-            pending: vec![Vec::with_capacity(BLOCK)],
+            current: Vec::with_capacity(BLOCK),
             crc: flate2::Crc::new(),
-            header_written: false,
+            sender: Some(sender),
+            worker: Some(worker),
         }
     }
 
-    fn write_header(&mut self) -> io::Result<()> {
-        if !self.header_written {
-            self.inner.write_all(&HEADER)?;
-            self.header_written = true;
+    fn send(&mut self, message: Message) -> io::Result<()> {
+        let sent = self.sender.as_ref().map(|s| s.send(message).is_ok()).unwrap_or(false);
+        if sent {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    /// Compresses and writes every full pending block (all but the last, partial one).
-    fn flush_full_blocks(&mut self) -> io::Result<()> {
-        self.write_header()?;
-        let partial = self.pending.pop().unwrap_or_default();
-        let level = self.level;
-        let compressed: Vec<io::Result<Vec<u8>>> =
-            self.pending.par_iter().map(|block| deflate_block(block, level, false)).collect();
-        for block in compressed {
-            self.inner.write_all(&block?)?;
+        // The worker stopped early: surface its error.
+        self.sender = None;
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok(Err(e))) => Err(e),
+            _ => Err(io::Error::other("the gzip worker thread stopped")),
         }
-        self.pending.clear();
-        self.pending.push(partial);
-        Ok(())
     }
 
     /// Compresses the rest, writes the trailer and returns the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
-        self.flush_full_blocks()?;
-        let last = self.pending.pop().unwrap_or_default();
-        let last = deflate_block(&last, self.level, true)?;
-        self.inner.write_all(&last)?;
-        self.inner.write_all(&self.crc.sum().to_le_bytes())?;
-        self.inner.write_all(&self.crc.amount().to_le_bytes())?;
-        Ok(self.inner)
+        let last = std::mem::take(&mut self.current);
+        self.send(Message::Last(last))?;
+        self.sender = None;
+        let worker = self.worker.take().expect("finish runs once");
+        let mut inner =
+            worker.join().map_err(|_| io::Error::other("the gzip worker panicked"))??;
+        inner.write_all(&self.crc.sum().to_le_bytes())?;
+        inner.write_all(&self.crc.amount().to_le_bytes())?;
+        Ok(inner)
     }
 }
 
-impl<W: Write> Write for GzWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let current = self.pending.last_mut().expect("there is always a block being filled");
-        let n = buf.len().min(BLOCK - current.len());
-        current.extend_from_slice(&buf[..n]);
-        self.crc.update(&buf[..n]);
-        if current.len() == BLOCK {
-            if self.pending.len() == BATCH {
-                self.pending.push(Vec::new());
-                self.flush_full_blocks()?;
-                self.pending.last_mut().expect("just pushed").reserve(BLOCK);
-            } else {
-                self.pending.push(Vec::with_capacity(BLOCK));
+/// The compressing thread: header, then blocks in input order, each batch of
+/// already-queued blocks compressed in parallel.
+fn compress_stream<W: Write>(
+    mut inner: W,
+    level: u32,
+    receiver: std::sync::mpsc::Receiver<Message>,
+) -> io::Result<W> {
+    inner.write_all(&HEADER)?;
+    loop {
+        let Ok(first) = receiver.recv() else {
+            return Err(io::Error::other("gzip stream ended without its last block"));
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH && !matches!(batch.last(), Some(Message::Last(_))) {
+            match receiver.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
             }
+        }
+        let done = matches!(batch.last(), Some(Message::Last(_)));
+        let compressed: Vec<io::Result<Vec<u8>>> = batch
+            .par_iter()
+            .map(|m| match m {
+                Message::Block(b) => deflate_block(b, level, false),
+                Message::Last(b) => deflate_block(b, level, true),
+            })
+            .collect();
+        for block in compressed {
+            inner.write_all(&block?)?;
+        }
+        if done {
+            return Ok(inner);
+        }
+    }
+}
+
+impl<W: Write + Send + 'static> Write for GzWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(BLOCK - self.current.len());
+        self.current.extend_from_slice(&buf[..n]);
+        self.crc.update(&buf[..n]);
+        if self.current.len() == BLOCK {
+            let full = std::mem::replace(&mut self.current, Vec::with_capacity(BLOCK));
+            self.send(Message::Block(full))?;
         }
         Ok(n)
     }
 
-    /// Blocks are only complete at fixed offsets, so flushing forwards nothing
-    /// new; it flushes the inner writer.
+    /// Blocks are only complete at fixed offsets, so there is nothing to flush early.
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        Ok(())
     }
 }
 
