@@ -13,12 +13,11 @@
 //! threads, and blocks are written in input order; only *where* a block is
 //! compressed varies. A background thread takes full blocks from a bounded
 //! queue and compresses whatever is queued (up to [`BATCH`]) in parallel on
-//! rayon, so compression overlaps with producing the tar.
+//! scoped threads (one per core), so compression overlaps with producing the tar.
 
 use std::io::{self, Write};
 
 use flate2::{Compress, FlushCompress, Status};
-use rayon::prelude::*;
 
 /// Bytes per independently compressed block. Costs well under 1% of ratio
 /// against one stream (each block restarts with an empty window).
@@ -104,13 +103,7 @@ fn compress_stream<W: Write>(
             }
         }
         let done = matches!(batch.last(), Some(Message::Last(_)));
-        let compressed: Vec<io::Result<Vec<u8>>> = batch
-            .par_iter()
-            .map(|m| match m {
-                Message::Block(b) => deflate_block(b, level, false),
-                Message::Last(b) => deflate_block(b, level, true),
-            })
-            .collect();
+        let compressed = compress_batch(&batch, level);
         for block in compressed {
             inner.write_all(&block?)?;
         }
@@ -118,6 +111,39 @@ fn compress_stream<W: Write>(
             return Ok(inner);
         }
     }
+}
+
+/// Compresses a batch on scoped threads of its own, not on rayon: the producer
+/// may itself run on a rayon worker and block on the full queue, and a batch
+/// waiting for those same workers would never finish.
+fn compress_batch(batch: &[Message], level: u32) -> Vec<io::Result<Vec<u8>>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(batch.len());
+    let compress = |m: &Message| match m {
+        Message::Block(b) => deflate_block(b, level, false),
+        Message::Last(b) => deflate_block(b, level, true),
+    };
+    if threads <= 1 {
+        return batch.iter().map(compress).collect();
+    }
+    let mut results: Vec<Option<io::Result<Vec<u8>>>> = (0..batch.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (t..batch.len())
+                        .step_by(threads)
+                        .map(|i| (i, compress(&batch[i])))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for handle in handles {
+            for (i, result) in handle.join().expect("deflate does not panic") {
+                results[i] = Some(result);
+            }
+        }
+    });
+    results.into_iter().map(|r| r.expect("every block is compressed once")).collect()
 }
 
 impl<W: Write + Send + 'static> Write for GzWriter<W> {
@@ -200,6 +226,20 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
             assert_eq!(pool.install(|| gzip(&data, 65_536)), one, "len {len}");
         }
+    }
+
+    /// Producers on every rayon worker, each blocking on a full queue, must not
+    /// starve the compression they wait for.
+    #[test]
+    fn producers_on_all_rayon_workers_make_progress() {
+        use rayon::prelude::*;
+        let data = vec![7u8; (2 * BATCH + 1) * BLOCK];
+        let outputs: Vec<Vec<u8>> = (0..rayon::current_num_threads().max(2))
+            .into_par_iter()
+            .map(|_| gzip(&data, BLOCK))
+            .collect();
+        assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(gunzip(&outputs[0]), data);
     }
 
     #[test]

@@ -164,7 +164,9 @@ pub struct AssembleOptions {
     pub max_layers: usize,
     /// Owner of every layer entry (uid/gid 0 unless the recipe sets one).
     pub owner: Ownership,
-    /// Threads writing layers; 0 uses rayon's default. Never changes the output.
+    /// Layers written at once (0: rayon's default, one per core); each gzip
+    /// layer also compresses its blocks on one thread per core. Never changes
+    /// the output.
     pub threads: usize,
 }
 
