@@ -12,6 +12,7 @@ pub mod cli;
 pub mod digest;
 pub mod doctor;
 pub mod graph;
+pub mod image;
 pub mod key;
 pub mod platform;
 pub mod recipe;

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 mod doctor;
 mod graph;
+mod images;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
@@ -64,6 +65,11 @@ pub enum Command {
         /// The shell to complete for
         shell: clap_complete::Shell,
     },
+    /// List the images recorded in the store: name, platforms, digest, size
+    Images(images::ImagesArgs),
+    /// Assemble an OCI image from package trees already in the store (plumbing)
+    #[command(hide = true)]
+    Assemble(images::AssembleArgs),
     /// Inspect and maintain the content-addressed store
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -174,6 +180,8 @@ fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
             write_stdout(&out)
         }
         Command::Store(command) => store::run(command, settings),
+        Command::Images(args) => images::run(args, settings),
+        Command::Assemble(args) => images::assemble(args, settings),
     }
 }
 

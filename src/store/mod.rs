@@ -30,6 +30,7 @@
 pub mod blob;
 mod checkout;
 mod ingest;
+mod layers;
 mod maintenance;
 mod refs;
 pub mod tree;
@@ -40,6 +41,7 @@ use std::path::{Path, PathBuf};
 
 pub use checkout::remove_checkout;
 pub use ingest::Exclude;
+pub use layers::{CachedLayer, OciBlob, OciBlobWriter, hex};
 pub use maintenance::{GcReport, Problem, Stats, VerifyReport};
 pub use refs::{ImageRecord, RefName};
 pub use tree::{Chunk, DirNode, FileNode, Node, PathComponent, Permissions, SymlinkTarget, Tree};

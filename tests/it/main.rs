@@ -5,6 +5,7 @@ mod common;
 mod doctor;
 mod fuzz;
 mod graph;
+mod image;
 mod keys;
 mod recipe;
 mod rootless;

@@ -1,0 +1,195 @@
+//! The layer cache: OCI blobs (sha256-named) and the index that maps a layer
+//! key to the compressed layer blob built for it.
+//!
+//! ```text
+//! ROOT/layers/sha256/HEX      an OCI blob (compressed layer, config, manifest, index), named by its sha256
+//! ROOT/layers/keys/HEX        layer key (blake3, chosen by the image module) -> JSON {digest, diff_id, size}
+//! ```
+//!
+//! Invariants:
+//! - Blobs are streamed into a temp file in `ROOT/tmp/` through an [`OciBlobWriter`]
+//!   that hashes and counts as it writes, then fsynced and renamed to their sha256
+//!   name: a name holds complete content or nothing.
+//! - A key file is written (atomically) only after the blob it names is in place,
+//!   and [`Store::cached_layer`] treats a key whose blob is missing as absent, so
+//!   deleting `ROOT/layers/` at any time only costs rebuilding layers.
+//! - The store does not interpret keys: the image module hashes everything that
+//!   changes a layer's bytes (tree, compression, ownership, mtime, format) into one.
+//! - `gc` does not sweep this directory (it is a cache, not a root); removing it
+//!   is always safe.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use sha2::Digest as _;
+
+use super::{IoContext, Result, Store, StoreError};
+use crate::digest::Digest;
+
+/// What the cache holds for one layer key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CachedLayer {
+    /// sha256 of the compressed blob, lowercase hex.
+    pub digest: String,
+    /// sha256 of the uncompressed tar, lowercase hex.
+    pub diff_id: String,
+    /// Size of the compressed blob in bytes.
+    pub size: u64,
+}
+
+/// A blob that [`OciBlobWriter::finish`] stored: its sha256 (hex) and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciBlob {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Streams one OCI blob into the store, hashing (sha256) and counting as it writes.
+pub struct OciBlobWriter {
+    store: Store,
+    file: io::BufWriter<tempfile::NamedTempFile>,
+    hasher: sha2::Sha256,
+    size: u64,
+}
+
+impl Write for OciBlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl OciBlobWriter {
+    /// Syncs the blob and renames it to its sha256 name (keeping an existing copy).
+    pub fn finish(self) -> Result<OciBlob> {
+        let digest = hex(&self.hasher.finalize());
+        let tmp = self.file.into_inner().map_err(|e| e.into_error());
+        let tmp_dir = self.store.root.join("tmp");
+        let tmp = tmp.ctx("write a temp file in", &tmp_dir)?;
+        tmp.as_file().sync_all().ctx("sync", tmp.path())?;
+        let path = self.store.oci_blob_path(&digest);
+        if !path.exists() {
+            tmp.persist(&path).map_err(|e| e.error).ctx("rename a temp file to", &path)?;
+            super::sync_parent(&path)?;
+        }
+        Ok(OciBlob { digest, size: self.size })
+    }
+}
+
+impl Store {
+    fn layers_dir(&self, sub: &str) -> Result<PathBuf> {
+        let dir = self.root.join("layers").join(sub);
+        std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        Ok(dir)
+    }
+
+    /// Where the OCI blob with sha256 `hex` lives (whether or not it exists).
+    pub fn oci_blob_path(&self, hex: &str) -> PathBuf {
+        self.root.join("layers/sha256").join(hex)
+    }
+
+    /// A writer for a new OCI blob. Hold a [`Pin`](super::Pin) while writing.
+    pub fn oci_blob_writer(&self) -> Result<OciBlobWriter> {
+        self.layers_dir("sha256")?;
+        let tmp_dir = self.root.join("tmp");
+        let file = tempfile::Builder::new()
+            .prefix(".oci")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
+            .tempfile_in(&tmp_dir)
+            .ctx("create a temp file in", &tmp_dir)?;
+        Ok(OciBlobWriter {
+            store: self.clone(),
+            file: io::BufWriter::with_capacity(256 * 1024, file),
+            hasher: sha2::Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Stores a small OCI blob (JSON) and returns its sha256 and size.
+    pub fn put_oci_blob(&self, bytes: &[u8]) -> Result<OciBlob> {
+        let digest = hex(&sha2::Sha256::digest(bytes));
+        let path = self.oci_blob_path(&digest);
+        if !path.exists() {
+            self.layers_dir("sha256")?;
+            self.write_atomic(&path, bytes, 0o444)?;
+        }
+        Ok(OciBlob { digest, size: bytes.len() as u64 })
+    }
+
+    /// The layer cached under `key`, if both its key file and its blob are present.
+    pub fn cached_layer(&self, key: &Digest) -> Result<Option<CachedLayer>> {
+        let path = self.root.join("layers/keys").join(key.to_hex());
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).ctx("read", &path),
+        };
+        let layer: CachedLayer = serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::CorruptRef { path: path.clone(), reason: e.to_string() })?;
+        if !is_sha256_hex(&layer.digest) || !is_sha256_hex(&layer.diff_id) {
+            return Err(StoreError::CorruptRef { path, reason: "not a sha256 digest".into() });
+        }
+        let blob = self.oci_blob_path(&layer.digest);
+        match std::fs::metadata(&blob) {
+            Ok(meta) if meta.len() == layer.size => Ok(Some(layer)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).ctx("read metadata of", &blob),
+        }
+    }
+
+    /// Records that the layer for `key` is `layer`; its blob must already be stored.
+    pub fn set_cached_layer(&self, key: &Digest, layer: &CachedLayer) -> Result<()> {
+        let dir = self.layers_dir("keys")?;
+        let mut bytes = serde_json::to_vec(layer).expect("layer records serialize");
+        bytes.push(b'\n');
+        self.write_atomic(&dir.join(key.to_hex()), &bytes, 0o644)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_writer_names_blobs_by_sha256_and_keys_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut w = store.oci_blob_writer().unwrap();
+        w.write_all(b"abc").unwrap();
+        let blob = w.finish().unwrap();
+        assert_eq!(blob.digest, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(std::fs::read(store.oci_blob_path(&blob.digest)).unwrap(), b"abc");
+        assert_eq!(store.put_oci_blob(b"abc").unwrap(), blob);
+
+        let key = Digest::of(b"key");
+        assert_eq!(store.cached_layer(&key).unwrap(), None);
+        let layer = CachedLayer { digest: blob.digest.clone(), diff_id: blob.digest, size: 3 };
+        store.set_cached_layer(&key, &layer).unwrap();
+        assert_eq!(store.cached_layer(&key).unwrap(), Some(layer.clone()));
+        // A key whose blob vanished is a miss, not an error.
+        std::fs::remove_file(store.oci_blob_path(&layer.digest)).unwrap();
+        assert_eq!(store.cached_layer(&key).unwrap(), None);
+    }
+}
