@@ -33,7 +33,9 @@ pub enum BuilderError {
         sysroot.display()
     )]
     MissingRustTarget { target: String, sysroot: PathBuf },
-    #[error("cannot find the Rust toolchain: `rustc` was not resolved to a toolchain's bin directory")]
+    #[error(
+        "cannot find the Rust toolchain: `rustc` did not resolve to a toolchain's own bin directory (check that `rustc --print sysroot` works)"
+    )]
     NoRustSysroot,
     #[error("install source `{from}` must be a relative path inside the source")]
     InstallOutsideSource { from: String },
