@@ -172,6 +172,13 @@ fn assert_reproducible(recipe: &Path, extra: &[&str]) -> Value {
     first
 }
 
+/// The log path a failed build names, unwrapped from the report's line breaks.
+fn log_path_in(err: &str) -> PathBuf {
+    let after = err.split("full log: ").nth(1).unwrap_or_else(|| panic!("no log path in {err}"));
+    let raw = after.split(')').next().unwrap();
+    raw.chars().filter(|c| !c.is_whitespace() && *c != '|').collect::<String>().into()
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -272,7 +279,7 @@ fn cache_recipe(ctx: &TestContext) {
         "pkg.kdl",
         r#"
         package "a" {
-            source path="a" exclude="*.log" "scratch/"
+            source path="a" { exclude "*.log" "scratch/"; }
             build "script" { run "mkdir -p $out/share && cat data.txt > $out/share/a"; }
         }
         package "b" {
@@ -382,7 +389,7 @@ crate::rootless_test! {
                 package "net" {{
                     build "script" {{
                         run "bash -c 'echo > /dev/tcp/192.0.2.1/80' || echo outside-unreachable"
-                        run "bash -c 'echo hello > /dev/tcp/127.0.0.1/{port}' && echo CONNECTED"
+                        run "bash -c 'echo hello > /dev/tcp/127.0.0.1/{port}' && echo CONN''ECTED"
                     }}
                 }}
                 image "net" {{ contents "net"; }}
@@ -396,8 +403,7 @@ crate::rootless_test! {
         assert!(err.contains("Network is unreachable"), "{err}");
         assert!(err.contains("Connection refused"), "{err}");
         assert!(!err.contains("CONNECTED"), "{err}");
-        let log = err.split("full log: ").nth(1).unwrap().split(')').next().unwrap();
-        let log = std::fs::read_to_string(log).unwrap();
+        let log = std::fs::read_to_string(log_path_in(&err)).unwrap();
         assert!(log.contains("Network is unreachable"), "{log}");
         match listener.accept() {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -462,8 +468,8 @@ crate::rootless_test! {
         assert!(err.contains("failed with exit code 3"), "{err}");
         assert!(err.contains("line-60") && err.contains("line-21"), "{err}");
         assert!(!err.contains("line-20\n"), "more than 40 lines shown:\n{err}");
-        let log = err.split("full log: ").nth(1).unwrap().split(')').next().unwrap();
-        assert!(log.starts_with(ctx.store().to_str().unwrap()), "{log}");
+        let log = log_path_in(&err);
+        assert!(log.starts_with(ctx.store()), "{}", log.display());
         let text = std::fs::read_to_string(log).unwrap();
         assert!(text.contains("line-1\n") && text.contains("line-60\n"), "{text}");
     }
