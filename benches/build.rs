@@ -32,7 +32,8 @@ fn write_recipe(dir: &Path) {
         let src = dir.join(format!("p{i}"));
         std::fs::create_dir_all(&src).unwrap();
         for f in 0..10 {
-            std::fs::write(src.join(format!("f{f}.txt")), format!("package {i} file {f}\n")).unwrap();
+            std::fs::write(src.join(format!("f{f}.txt")), format!("package {i} file {f}\n"))
+                .unwrap();
         }
         kdl.push_str(&format!(
             "package \"p{i}\" {{\n  source path=\"p{i}\"\n  build \"script\" {{ run \"mkdir -p $out/share && cp f0.txt $out/share/p{i}\"; }}\n"

@@ -52,9 +52,7 @@ pub struct Toolchain {
 
 /// Quotes `s` for POSIX sh: `'…'` with each `'` written as `'\''`.
 pub fn quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b))
-    {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b)) {
         return s.to_string();
     }
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -105,10 +103,7 @@ pub fn commands(
             cc.extend(sources.iter().cloned());
             cc.extend(["-o".into(), format!("{OUT}{output}")]);
             cc.extend(ldflags.iter().cloned());
-            Ok(BuildCommands {
-                commands: vec![mkdir_parent(&output), join(&cc)],
-                env: vec![],
-            })
+            Ok(BuildCommands { commands: vec![mkdir_parent(&output), join(&cc)], env: vec![] })
         }
         Builder::Go { main, output, ldflags, tags } => {
             let output = checked_output(output.as_deref().unwrap_or(&default_output))?;
@@ -145,10 +140,7 @@ pub fn commands(
             let sysroot = toolchain.rust_sysroot.as_ref().ok_or(BuilderError::NoRustSysroot)?;
             let target = rust_target(platform);
             if !sysroot.join("lib/rustlib").join(&target).join("lib").is_dir() {
-                return Err(BuilderError::MissingRustTarget {
-                    target,
-                    sysroot: sysroot.clone(),
-                });
+                return Err(BuilderError::MissingRustTarget { target, sysroot: sysroot.clone() });
             }
             let bin = bin.clone().unwrap_or_else(|| package.name.value.clone());
             let mut cargo: Vec<String> =

@@ -23,7 +23,9 @@ fn entries(store: &Store, tree: &Digest) -> Result<BTreeMap<PathBuf, Entry>, Sto
     for entry in store.walk(tree) {
         let entry = entry?;
         let value = match &entry.node {
-            Node::File(f) => Entry::File { content: f.content_digest(), mode: f.permissions().bits() },
+            Node::File(f) => {
+                Entry::File { content: f.content_digest(), mode: f.permissions().bits() }
+            }
             Node::Symlink(t) => Entry::Symlink(t.as_bytes().to_vec()),
             Node::Dir(d) => Entry::Dir { mode: d.permissions.bits() },
         };
@@ -44,12 +46,13 @@ pub fn differences(store: &Store, a: &Digest, b: &Digest) -> Result<Vec<String>,
             None => out.push(format!("{}: only in the stored output", path.display())),
             Some(r) if r != l => {
                 let why = match (l, r) {
-                    (Entry::File { content: c1, .. }, Entry::File { content: c2, .. }) if c1 != c2 => {
+                    (Entry::File { content: c1, .. }, Entry::File { content: c2, .. })
+                        if c1 != c2 =>
+                    {
                         "content differs"
                     }
-                    (Entry::File { .. }, Entry::File { .. }) | (Entry::Dir { .. }, Entry::Dir { .. }) => {
-                        "permissions differ"
-                    }
+                    (Entry::File { .. }, Entry::File { .. })
+                    | (Entry::Dir { .. }, Entry::Dir { .. }) => "permissions differ",
                     (Entry::Symlink(_), Entry::Symlink(_)) => "symlink target differs",
                     _ => "kind differs",
                 };

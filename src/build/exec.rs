@@ -61,7 +61,8 @@ pub fn log_path(store: &Store, key: &Digest, check: bool) -> PathBuf {
 /// (`SYSROOT/bin/rustc`) rather than a rustup proxy.
 pub fn rust_sysroot(tools: &[ToolIdentity]) -> Option<PathBuf> {
     let rustc = tools.iter().find(|t| t.name == "rustc")?;
-    (rustc.path.file_name()? == "rustc").then(|| rustc.path.parent()?.parent().map(Path::to_path_buf))?
+    (rustc.path.file_name()? == "rustc")
+        .then(|| rustc.path.parent()?.parent().map(Path::to_path_buf))?
 }
 
 /// The whole environment of a build: the fixed set, the target description,
@@ -193,12 +194,14 @@ fn run_in(
 
     let log_path = dir.join("log");
     let mut log = File::create(&log_path).map_err(io_error("create the log", &log_path))?;
-    writeln!(log, "pkg: building {package} for {platform}").map_err(io_error("write", &log_path))?;
+    writeln!(log, "pkg: building {package} for {platform}")
+        .map_err(io_error("write", &log_path))?;
     let log_fd = OwnedFd::from(log.try_clone().map_err(io_error("open", &log_path))?);
     spec.stdio = Stdio::log_to(log_fd).map_err(io_error("open", &log_path))?;
     let status = Sandbox::new().run(&spec);
     drop(spec);
-    let kept = keep_log(store, &log_path, &job.key, job.check).map_err(io_error("keep the log", &log_path))?;
+    let kept = keep_log(store, &log_path, &job.key, job.check)
+        .map_err(io_error("keep the log", &log_path))?;
     let status = status.map_err(|source| BuildError::Sandbox {
         package: package.clone(),
         platform,
@@ -214,9 +217,9 @@ fn run_in(
             log: kept,
         });
     }
-    store.ingest_dir(&out, &|_: &Path, _: &std::fs::Metadata| false).map_err(|source| {
-        BuildError::Store { package, step: "ingest the output", source }
-    })
+    store
+        .ingest_dir(&out, &|_: &Path, _: &std::fs::Metadata| false)
+        .map_err(|source| BuildError::Store { package, step: "ingest the output", source })
 }
 
 /// The host directories holding tools outside the fixed host directories:
@@ -302,6 +305,9 @@ mod tests {
     #[test]
     fn driver_quotes_and_echoes() {
         let d = driver(&["echo 'hi' > $out/x".into()]);
-        assert_eq!(d, "printf '+ %s\\n' 'echo '\\''hi'\\'' > $out/x'\n/bin/sh -eu -c 'echo '\\''hi'\\'' > $out/x'\n");
+        assert_eq!(
+            d,
+            "printf '+ %s\\n' 'echo '\\''hi'\\'' > $out/x'\n/bin/sh -eu -c 'echo '\\''hi'\\'' > $out/x'\n"
+        );
     }
 }

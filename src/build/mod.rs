@@ -214,7 +214,8 @@ pub fn build(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
                     if running >= jobs {
                         break;
                     }
-                    let ready = !started[node] && inputs[node].iter().all(|&d| reports[d].is_some());
+                    let ready =
+                        !started[node] && inputs[node].iter().all(|&d| reports[d].is_some());
                     if ready {
                         started[node] = true;
                         running += 1;
@@ -267,8 +268,14 @@ fn build_node(
                 Source::Path { .. } => ctx.recipe.source_path(package),
                 Source::Url { .. } => None,
             };
-            source::prepare(ctx.store, &spanned.value, path.as_deref(), ctx.options.offline, ctx.observer)
-                .map_err(|source| BuildError::Source { package: name.clone(), source })?
+            source::prepare(
+                ctx.store,
+                &spanned.value,
+                path.as_deref(),
+                ctx.options.offline,
+                ctx.observer,
+            )
+            .map_err(|source| BuildError::Source { package: name.clone(), source })?
         }
     };
     let inputs = KeyInputs::for_node(
@@ -283,7 +290,8 @@ fn build_node(
     .expect("a node is scheduled only once its build inputs are recorded");
     let key = BuildKey::compute(&inputs);
     let store_error = |step, source| BuildError::Store { package: name.clone(), step, source };
-    let stored = ctx.store.build(&key.digest()).map_err(|e| store_error("look up the build key", e))?;
+    let stored =
+        ctx.store.build(&key.digest()).map_err(|e| store_error("look up the build key", e))?;
     let report = |output, cached, log, differences| NodeReport {
         node,
         package: name.clone(),
@@ -304,7 +312,11 @@ fn build_node(
     ctx.observer.build_started(&name, &n.platform);
     let toolchain = builders::Toolchain { rust_sysroot: exec::rust_sysroot(&inputs.tools) };
     let result = builders::commands(package, &n.platform, &toolchain)
-        .map_err(|source| BuildError::Builder { package: name.clone(), platform: n.platform, source })
+        .map_err(|source| BuildError::Builder {
+            package: name.clone(),
+            platform: n.platform,
+            source,
+        })
         .and_then(|commands| {
             let deps = ctx
                 .graph
@@ -340,7 +352,9 @@ fn build_node(
         Some(previous) => compare::differences(ctx.store, &previous, &output)
             .map_err(|e| store_error("compare with the stored output", e))?,
         None => {
-            ctx.store.set_build(&key.digest(), &output).map_err(|e| store_error("record the build", e))?;
+            ctx.store
+                .set_build(&key.digest(), &output)
+                .map_err(|e| store_error("record the build", e))?;
             Vec::new()
         }
     };
@@ -350,12 +364,17 @@ fn build_node(
 
 /// Downloads every `url` source of the recipe's packages that is not yet in
 /// the store (`pkg fetch`); returns how many were downloaded.
-pub fn fetch_all(recipe: &Recipe, store: &Store, observer: &dyn Observer) -> Result<usize, BuildError> {
+pub fn fetch_all(
+    recipe: &Recipe,
+    store: &Store,
+    observer: &dyn Observer,
+) -> Result<usize, BuildError> {
     let mut fetched = 0;
     for package in recipe.packages.values() {
         let Some(spanned) = &package.source else { continue };
         let Source::Url { url, sha256 } = &spanned.value else { continue };
-        let source_error = |source| BuildError::Source { package: package.name.value.clone(), source };
+        let source_error =
+            |source| BuildError::Source { package: package.name.value.clone(), source };
         let present = source::cached(store, sha256)
             .map_err(|e| source_error(SourceError::Store { url: url.clone(), source: e }))?;
         if present.is_none() {

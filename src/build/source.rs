@@ -45,7 +45,9 @@ pub enum SourceError {
         #[source]
         source: StoreError,
     },
-    #[error("source {url} is not downloaded and --offline forbids downloading it (run `pkg fetch` first)")]
+    #[error(
+        "source {url} is not downloaded and --offline forbids downloading it (run `pkg fetch` first)"
+    )]
     Offline { url: String },
     #[error("cannot download {url}")]
     Download {
@@ -130,12 +132,13 @@ pub fn prepare(
         Source::Path { exclude, .. } => {
             let path = path.expect("path sources have a resolved path");
             let ingest_error = |source| SourceError::Ingest { path: path.to_path_buf(), source };
-            let meta = std::fs::metadata(path)
-                .map_err(|e| ingest_error(StoreError::Io {
+            let meta = std::fs::metadata(path).map_err(|e| {
+                ingest_error(StoreError::Io {
                     action: "read metadata of",
                     path: path.to_path_buf(),
                     source: e,
-                }))?;
+                })
+            })?;
             let tree = if meta.is_dir() {
                 let set = exclude_set(exclude)?;
                 let filter = move |rel: &Path, _: &std::fs::Metadata| set.is_match(rel);
@@ -143,11 +146,7 @@ pub fn prepare(
             } else {
                 store.ingest_path(path).map_err(ingest_error)?
             };
-            Ok(PreparedSource {
-                identity: SourceIdentity::Tree(tree),
-                tree: Some(tree),
-                url: None,
-            })
+            Ok(PreparedSource { identity: SourceIdentity::Tree(tree), tree: Some(tree), url: None })
         }
         Source::Url { url, sha256 } => {
             let tree = fetch(store, url, sha256, offline, observer)?;
@@ -245,11 +244,7 @@ fn download(url: &str, dest: &Path, observer: &dyn Observer) -> Result<String, S
 
 /// Writes a private, writable copy of the prepared source into `dest` (an
 /// existing empty directory): a path source's tree, or an unpacked archive.
-pub fn materialize(
-    store: &Store,
-    source: &PreparedSource,
-    dest: &Path,
-) -> Result<(), SourceError> {
+pub fn materialize(store: &Store, source: &PreparedSource, dest: &Path) -> Result<(), SourceError> {
     let Some(tree) = source.tree else { return Ok(()) };
     match &source.url {
         None => write_tree(store, &tree, dest),
@@ -323,7 +318,8 @@ mod tests {
     #[test]
     fn default_and_recipe_excludes() {
         let set = exclude_set(&["*.log".into(), "build/".into(), "docs/*.md".into()]).unwrap();
-        for excluded in [".git", "a/.git", "target", "x/target", "a.log", "x/y.log", "build", "docs/a.md"]
+        for excluded in
+            [".git", "a/.git", "target", "x/target", "a.log", "x/y.log", "build", "docs/a.md"]
         {
             assert!(set.is_match(excluded), "{excluded}");
         }

@@ -57,17 +57,26 @@ pub struct FetchArgs {
 /// `rustc` resolve to the toolchain's own binaries (which the sandbox can
 /// mount) rather than to rustup proxies.
 fn tool_path(recipe: &Recipe, settings: &Settings) -> Option<std::ffi::OsString> {
-    let uses_cargo = recipe.packages.values().any(|p| matches!(p.build.value, Builder::Cargo { .. }));
+    let uses_cargo =
+        recipe.packages.values().any(|p| matches!(p.build.value, Builder::Cargo { .. }));
     if !uses_cargo {
         return settings.path.clone();
     }
-    let sysroot = std::process::Command::new("rustc")
-        .args(["--print", "sysroot"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    // A `rustc` that is a toolchain's own binary names its sysroot by where it
+    // is; a rustup proxy is asked (it knows the default toolchain).
+    let direct = HostTools::new(settings.path.clone())
+        .which("rustc")
+        .filter(|p| p.file_name().is_some_and(|n| n == "rustc"))
+        .and_then(|p| p.parent()?.parent().map(PathBuf::from));
+    let sysroot = direct.or_else(|| {
+        std::process::Command::new("rustc")
+            .args(["--print", "sysroot"])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    });
     match sysroot {
         Some(root) if root.join("bin/rustc").is_file() => {
             let mut dirs = vec![root.join("bin")];
@@ -109,9 +118,7 @@ pub fn run(args: BuildArgs, settings: &Settings) -> miette::Result<ExitCode> {
     if args.check {
         let mismatches: Vec<String> = report
             .mismatches()
-            .map(|n| {
-                format!("{} ({}):\n  {}", n.package, n.platform, n.differences.join("\n  "))
-            })
+            .map(|n| format!("{} ({}):\n  {}", n.package, n.platform, n.differences.join("\n  ")))
             .collect();
         if !mismatches.is_empty() {
             return Err(miette::miette!(
@@ -206,7 +213,11 @@ impl Observer for Progress {
         spinner.set_style(
             ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"),
         );
-        self.start(format!("{package} {platform}"), format!("building {package} ({platform})"), spinner);
+        self.start(
+            format!("{package} {platform}"),
+            format!("building {package} ({platform})"),
+            spinner,
+        );
     }
 
     fn build_finished(&self, package: &str, platform: &Platform, outcome: Outcome) {
