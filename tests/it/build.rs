@@ -681,3 +681,89 @@ crate::rootless_test! {
         assert_eq!(std::fs::read_to_string(dir.join("share/greeting")).unwrap(), "from an archive\n");
     }
 }
+
+crate::rootless_test! {
+    fn check_names_every_file_that_differs() {
+        let ctx = TestContext::new();
+        ctx.write(
+            "pkg.kdl",
+            r#"
+            package "stamped" {
+                build "script" {
+                    run "mkdir -p $out/etc && echo same > $out/etc/same"
+                    run "cat /proc/sys/kernel/random/uuid > $out/etc/stamp"
+                    run "cat /proc/sys/kernel/random/uuid > $out/etc/other"
+                }
+            }
+            image "stamped" { contents "stamped"; }
+            "#,
+        );
+        ok(&ctx.run(&["build"]));
+        let out = ctx.run(&["build", "--check"]);
+        assert!(!out.status.success(), "--check passed on a non-reproducible build");
+        let err = stderr(&out);
+        assert!(err.contains("etc/stamp: content differs"), "{err}");
+        assert!(err.contains("etc/other: content differs"), "{err}");
+        assert!(!err.contains("etc/same"), "{err}");
+    }
+}
+
+/// Records how many builds ran at once.
+#[derive(Default)]
+struct Concurrency {
+    running: AtomicUsize,
+    most: AtomicUsize,
+}
+
+impl pkg::build::Observer for Concurrency {
+    fn build_started(&self, _: &str, _: &pkg::platform::Platform) {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+    }
+    fn build_finished(&self, _: &str, _: &pkg::platform::Platform, outcome: pkg::build::Outcome) {
+        if outcome != pkg::build::Outcome::Cached {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+crate::rootless_test! {
+    fn independent_packages_build_in_parallel_up_to_jobs() {
+        use pkg::build::{BuildContext, BuildOptions, build};
+        let (uid, gid) = {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let id = |f: &str| -> u32 {
+                status.lines().find(|l| l.starts_with(f)).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+            };
+            (id("Uid:"), id("Gid:"))
+        };
+        for (jobs, expected) in [(1, 1), (3, 3)] {
+            let ctx = TestContext::new();
+            let recipe_text: String = (0..3)
+                .map(|i| format!("package \"p{i}\" {{ build \"script\" {{ run \"sleep 1; mkdir -p $out/{i}\"; }} }}\n"))
+                .collect::<String>()
+                + "image \"all\" { contents \"p0\" \"p1\" \"p2\"; }\n";
+            let path = ctx.write("pkg.kdl", &recipe_text);
+            let recipe = pkg::recipe::load(&path).unwrap();
+            let graph = pkg::graph::BuildGraph::plan(
+                &recipe,
+                &pkg::graph::Selection::all(pkg::platform::Platform::host()),
+            )
+            .unwrap();
+            let store = pkg::store::Store::open(&ctx.store()).unwrap();
+            let tools = pkg::tool::HostTools::new(std::env::var_os("PATH"));
+            let observer = Concurrency::default();
+            let report = build(&BuildContext {
+                recipe: &recipe,
+                graph: &graph,
+                store: &store,
+                tools: &tools,
+                observer: &observer,
+                options: BuildOptions { uid, gid, jobs, offline: true, check: false },
+            })
+            .unwrap();
+            assert_eq!(report.nodes.len(), 3);
+            assert_eq!(observer.most.load(Ordering::SeqCst), expected, "with -j {jobs}");
+        }
+    }
+}
