@@ -129,10 +129,10 @@ pub fn commands(
             ]
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .into();
-            if let Some(v) = platform.variant().and_then(|v| v.strip_prefix('v')) {
-                if platform.arch() == Arch::Arm {
-                    env.push(("GOARM".into(), v.into()));
-                }
+            if let Some(v) = platform.variant().and_then(|v| v.strip_prefix('v'))
+                && platform.arch() == Arch::Arm
+            {
+                env.push(("GOARM".into(), v.into()));
             }
             Ok(BuildCommands { commands: vec![mkdir_parent(&output), join(&go)], env })
         }

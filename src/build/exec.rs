@@ -158,8 +158,10 @@ fn run_in(
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
             .map_err(io_error("set permissions of", d))?;
     }
-    source::materialize(store, job.source, &src)
-        .map_err(|source| BuildError::Source { package: package.clone(), source })?;
+    source::materialize(store, job.source, &src).map_err(|source| BuildError::Source {
+        package: package.clone(),
+        source: Box::new(source),
+    })?;
 
     let mut spec = SandboxSpec::new(
         IdMapping::single(0, 0, options.uid, options.gid),
@@ -179,7 +181,7 @@ fn run_in(
         store.checkout(tree, &at).map_err(|source| BuildError::Store {
             package: package.clone(),
             step: "check out a build dependency",
-            source,
+            source: Box::new(source),
         })?;
         spec.mounts.push(Mount::bind_ro(&at, Path::new("/deps").join(name)));
     }
@@ -206,7 +208,7 @@ fn run_in(
         package: package.clone(),
         platform,
         log: kept.clone(),
-        source,
+        source: Box::new(source),
     })?;
     if !status.success() {
         return Err(BuildError::Failed {
@@ -217,9 +219,9 @@ fn run_in(
             log: kept,
         });
     }
-    store
-        .ingest_dir(&out, &|_: &Path, _: &std::fs::Metadata| false)
-        .map_err(|source| BuildError::Store { package, step: "ingest the output", source })
+    store.ingest_dir(&out, &|_: &Path, _: &std::fs::Metadata| false).map_err(|source| {
+        BuildError::Store { package, step: "ingest the output", source: Box::new(source) }
+    })
 }
 
 /// The host directories holding tools outside the fixed host directories:

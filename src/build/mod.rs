@@ -142,7 +142,7 @@ pub enum BuildError {
     Source {
         package: String,
         #[source]
-        source: SourceError,
+        source: Box<SourceError>,
     },
     #[error("cannot resolve the tools of `{package}`")]
     Tool {
@@ -171,7 +171,7 @@ pub enum BuildError {
         package: String,
         step: &'static str,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("cannot run the build of `{package}` for {platform} (log: {})", log.display())]
     Sandbox {
@@ -179,7 +179,7 @@ pub enum BuildError {
         platform: Platform,
         log: PathBuf,
         #[source]
-        source: SandboxError,
+        source: Box<SandboxError>,
     },
     #[error(
         "build of `{package}` for {platform} failed with exit code {code}\n{tail}\n(full log: {})",
@@ -195,7 +195,7 @@ pub fn build(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
     let _pin = ctx.store.pin().map_err(|source| BuildError::Store {
         package: String::new(),
         step: "lock the store",
-        source,
+        source: Box::new(source),
     })?;
     ctx.observer.planned(count);
     let inputs: Vec<Vec<NodeId>> = (0..count).map(|n| graph.build_inputs(n)).collect();
@@ -275,7 +275,10 @@ fn build_node(
                 ctx.options.offline,
                 ctx.observer,
             )
-            .map_err(|source| BuildError::Source { package: name.clone(), source })?
+            .map_err(|source| BuildError::Source {
+                package: name.clone(),
+                source: Box::new(source),
+            })?
         }
     };
     let inputs = KeyInputs::for_node(
@@ -289,7 +292,8 @@ fn build_node(
     .map_err(|source| BuildError::Tool { package: name.clone(), source })?
     .expect("a node is scheduled only once its build inputs are recorded");
     let key = BuildKey::compute(&inputs);
-    let store_error = |step, source| BuildError::Store { package: name.clone(), step, source };
+    let store_error =
+        |step, source| BuildError::Store { package: name.clone(), step, source: Box::new(source) };
     let stored =
         ctx.store.build(&key.digest()).map_err(|e| store_error("look up the build key", e))?;
     let report = |output, cached, log, differences| NodeReport {
@@ -373,8 +377,10 @@ pub fn fetch_all(
     for package in recipe.packages.values() {
         let Some(spanned) = &package.source else { continue };
         let Source::Url { url, sha256 } = &spanned.value else { continue };
-        let source_error =
-            |source| BuildError::Source { package: package.name.value.clone(), source };
+        let source_error = |source| BuildError::Source {
+            package: package.name.value.clone(),
+            source: Box::new(source),
+        };
         let present = source::cached(store, sha256)
             .map_err(|e| source_error(SourceError::Store { url: url.clone(), source: e }))?;
         if present.is_none() {

@@ -480,7 +480,7 @@ crate::rootless_test! {
         // Every process of the build was reaped with it.
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            assert!(cmdline != b"sleep\0300\0", "a build process survived: {:?}", entry.path());
+            assert!(cmdline != b"sleep\x00300\x00", "a build process survived: {:?}", entry.path());
         }
     }
 }
