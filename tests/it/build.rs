@@ -133,7 +133,7 @@ fn checkout(ctx: &TestContext, digest: &str, name: &str) -> PathBuf {
 
 /// Runs `pkg ARGS` with a different wall clock (faketime), time zone, umask
 /// and locale than the default run.
-fn run_skewed(ctx: &TestContext, store: &Path, args: &[&str]) -> Output {
+fn run_skewed(ctx: &TestContext, store: &Path, path: &std::ffi::OsStr, args: &[&str]) -> Output {
     require("faketime", "faketime");
     let mut cmd = Command::new("faketime");
     cmd.arg("-f")
@@ -145,7 +145,7 @@ fn run_skewed(ctx: &TestContext, store: &Path, args: &[&str]) -> Output {
         .args(args)
         .current_dir(ctx.root())
         .env_clear()
-        .env("PATH", path_with_rust_first())
+        .env("PATH", path)
         .env("HOME", ctx.root())
         .env("PKG_STORE", store)
         .env("TZ", "Pacific/Kiritimati")
@@ -160,7 +160,8 @@ fn run_skewed(ctx: &TestContext, store: &Path, args: &[&str]) -> Output {
 
 /// Builds `recipe` twice, in two stores, with different clock, TZ, umask and
 /// locale; asserts identical outputs and that `--check` passes. Returns the report.
-fn assert_reproducible(recipe: &Path, extra: &[&str]) -> Value {
+/// `path` is the `PATH` both builds get.
+fn assert_reproducible(recipe: &Path, path: &std::ffi::OsStr, extra: &[&str]) -> Value {
     let ctx = TestContext::new();
     let recipe = recipe.to_str().unwrap();
     let mut args = vec!["build", "--json", recipe];
@@ -171,13 +172,13 @@ fn assert_reproducible(recipe: &Path, extra: &[&str]) -> Value {
     // A later wall clock too, besides the faked one.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let other_store = ctx.root().join("other-store");
-    let second = run_skewed(&ctx, &other_store, &args);
+    let second = run_skewed(&ctx, &other_store, path, &args);
     let second: Value = serde_json::from_slice(&ok(&second).stdout).unwrap();
     assert_eq!(outputs(&first), outputs(&second), "outputs differ between the two builds");
     assert!(first["nodes"].as_array().unwrap().iter().all(|n| n["cached"] == false));
     let mut check = vec!["build", recipe, "--check"];
     check.extend_from_slice(extra);
-    let out = pkg_with_toolchain(&ctx).args(&check).output().unwrap();
+    let out = ctx.pkg().envs(toolchain_env()).env("PATH", path).args(&check).output().unwrap();
     assert!(stderr(ok(&out)).contains("check passed"), "{}", stderr(&out));
     // Stored trees carry no mtimes: a checkout's files all get the checkout's
     // own times, never the build's wall clock (2003 under faketime).
@@ -217,7 +218,8 @@ crate::rootless_test! {
         require("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu");
         require("go", "golang-go");
         for recipe in ["hello", "hello-c", "hello-go", "ca-certs"] {
-            let report = assert_reproducible(&recipes().join(recipe), &[]);
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let report = assert_reproducible(&recipes().join(recipe), &path, &[]);
             assert!(!report["nodes"].as_array().unwrap().is_empty(), "{recipe}");
         }
     }
@@ -225,7 +227,7 @@ crate::rootless_test! {
 
 #[test]
 fn rust_recipe_builds_reproducibly() {
-    let report = assert_reproducible(&recipes().join("hello-rust"), &[]);
+    let report = assert_reproducible(&recipes().join("hello-rust"), &path_with_rust_first(), &[]);
     let ctx = TestContext::new();
     let digest = output_of(&report, "hello-rust", "linux/amd64");
     // The report came from another context's store: build it here too.
