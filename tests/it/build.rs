@@ -166,8 +166,15 @@ fn assert_reproducible(recipe: &Path, path: &std::ffi::OsStr, extra: &[&str]) ->
     let recipe = recipe.to_str().unwrap();
     let mut args = vec!["build", "--json", recipe];
     args.extend_from_slice(extra);
-    let first =
-        pkg_with_toolchain(&ctx).args(&args).env("TZ", "UTC").env("LANG", "C").output().unwrap();
+    let first = ctx
+        .pkg()
+        .envs(toolchain_env())
+        .env("PATH", path)
+        .args(&args)
+        .env("TZ", "UTC")
+        .env("LANG", "C")
+        .output()
+        .unwrap();
     let first: Value = serde_json::from_slice(&ok(&first).stdout).unwrap();
     // A later wall clock too, besides the faked one.
     std::thread::sleep(std::time::Duration::from_millis(1100));
