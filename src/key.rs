@@ -164,7 +164,8 @@ pub fn tool_names(package: &Package, platform: &Platform) -> Vec<String> {
 }
 
 /// What each builder runs: cc uses musl-gcc for the build machine's own
-/// architecture and the cross `TRIPLE-gcc` otherwise.
+/// architecture and the cross `TRIPLE-gcc` otherwise; cargo links with the
+/// same cross gcc (or the host `cc`). Must agree with `build::builders`.
 fn builder_tools(builder: &Builder, platform: &Platform) -> Vec<String> {
     match builder {
         Builder::Files { .. } => vec![],
@@ -172,7 +173,13 @@ fn builder_tools(builder: &Builder, platform: &Platform) -> Vec<String> {
         Builder::Cc { .. } if platform.arch() == Platform::host().arch() => vec!["musl-gcc".into()],
         Builder::Cc { .. } => vec![format!("{}-gcc", platform.gnu_triple())],
         Builder::Go { .. } => vec!["go".into()],
-        Builder::Cargo { .. } => vec!["cargo".into(), "rustc".into()],
+        // rustc links through the C compiler: `cc` natively, the cross gcc otherwise.
+        Builder::Cargo { .. } if platform.arch() == Platform::host().arch() => {
+            vec!["cargo".into(), "rustc".into(), "cc".into()]
+        }
+        Builder::Cargo { .. } => {
+            vec!["cargo".into(), "rustc".into(), format!("{}-gcc", platform.gnu_triple())]
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod build;
 pub mod cli;
 pub mod digest;
 pub mod doctor;

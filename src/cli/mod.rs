@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod build;
 mod doctor;
 mod graph;
 mod images;
@@ -56,6 +57,10 @@ pub enum ColorChoice {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Build every package the recipe's images need, each in a hermetic sandbox
+    Build(build::BuildArgs),
+    /// Download every source of a recipe into the store, for offline builds
+    Fetch(build::FetchArgs),
     /// Print the build graph of a recipe: images, packages and their dependencies
     Graph(graph::GraphArgs),
     /// Check that this machine can build and run images rootless, and say how to fix what is missing
@@ -86,6 +91,11 @@ pub struct Settings {
     pub cwd: PathBuf,
     /// The `PATH` used to resolve declared tools.
     pub path: Option<std::ffi::OsString>,
+    /// The caller's real uid and gid, mapped to root inside build sandboxes.
+    pub uid: u32,
+    pub gid: u32,
+    /// Cores available to this process: the default number of parallel builds.
+    pub cores: usize,
 }
 
 impl Settings {
@@ -120,6 +130,9 @@ impl Settings {
             color,
             cwd,
             path: std::env::var_os("PATH"),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     }
 }
@@ -172,6 +185,8 @@ fn install_report_handler(color: bool) {
 
 fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
     match command {
+        Command::Build(args) => build::run(args, settings),
+        Command::Fetch(args) => build::fetch(args, settings),
         Command::Graph(args) => graph::run(args, settings),
         Command::Doctor(args) => doctor::run(args, settings),
         Command::Completions { shell } => {

@@ -1,5 +1,6 @@
 //! pkg's integration tests: one binary, a module per command.
 
+mod build;
 mod cli;
 mod common;
 mod doctor;
