@@ -239,3 +239,118 @@ fn description_license_and_file_location_do_not_change_key() {
     );
     assert_eq!(base, moved);
 }
+
+/// End to end through `pkg build --json`: the same recipe built by root and by
+/// an unprivileged user, into different stores, from different working
+/// directories (relative vs absolute recipe path), under a faked wall clock,
+/// another time zone, locale, umask and stray environment variables, gets
+/// the same build key for every package.
+#[test]
+fn keys_ignore_store_cwd_clock_user_and_environment() {
+    use crate::common::{TestContext, lookup_user, running_as_root, stderr};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+
+    let ctx = TestContext::new();
+    let project = ctx.root().join("project");
+    ctx.write(
+        "project/pkg.kdl",
+        r#"
+package "greeting" version="1" {
+    source path="src"
+    build "files" { install "hello.txt" "/usr/share/greeting/hello.txt" mode="0644" }
+}
+package "shout" version="1" {
+    build "script" {
+        run "mkdir -p $out/usr/bin"
+        run "printf 'echo HI\n' > $out/usr/bin/shout"
+    }
+    build-depends "greeting"
+}
+image "shout" { contents "shout" "greeting" }
+"#,
+    );
+    ctx.write("project/src/hello.txt", "hello\n");
+    std::fs::create_dir_all(ctx.root().join("elsewhere")).unwrap();
+    // The unprivileged run reads the recipe and writes its own store here.
+    for dir in [
+        ctx.root().to_path_buf(),
+        project.clone(),
+        project.join("src"),
+        ctx.root().join("elsewhere"),
+    ] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let path = "/usr/local/bin:/usr/bin:/bin";
+
+    let first = ctx
+        .pkg()
+        .args(["build", "--json", "pkg.kdl"])
+        .current_dir(&project)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+
+    let mut second = Command::new("faketime");
+    second.args(["-f", "@2003-04-05 06:07:08"]);
+    if running_as_root() {
+        let (uid, gid) =
+            lookup_user("pkgtest").expect("the unprivileged user `pkgtest` (.ci/run creates it)");
+        second.args([
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+        ]);
+    }
+    let recipe = project.join("pkg.kdl");
+    let second = second
+        .args(["sh", "-c", "umask 077 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_pkg"))
+        .args(["build", "--json"])
+        .arg(&recipe)
+        .current_dir(ctx.root().join("elsewhere"))
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", ctx.root().join("elsewhere"))
+        .env("PKG_STORE", ctx.root().join("elsewhere/other-store"))
+        .env("TZ", "Pacific/Kiritimati")
+        .env("LANG", "de_DE.UTF-8")
+        .env("LC_ALL", "de_DE.UTF-8")
+        .env("GOFLAGS", "-mod=mod")
+        .env("SOURCE_DATE_EPOCH", "123456789")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("faketime is needed by this test: apt-get install faketime (scripts/test.sh does)");
+    assert!(second.status.success(), "{}", stderr(&second));
+    if running_as_root() {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(ctx.root().join("elsewhere/other-store")).unwrap().uid();
+        assert_eq!(
+            Some(owner),
+            lookup_user("pkgtest").map(|(uid, _)| uid),
+            "second build ran as pkgtest"
+        );
+    }
+
+    let keys = |out: &std::process::Output| -> BTreeMap<String, String> {
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json output");
+        report["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| {
+                (
+                    format!("{} {}", n["package"].as_str().unwrap(), n["platform"]),
+                    n["key"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (keys(&first), keys(&second));
+    assert_eq!(a.len(), 2, "{a:?}");
+    assert_eq!(a, b);
+}
