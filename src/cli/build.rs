@@ -43,6 +43,9 @@ pub struct BuildArgs {
     /// Print one JSON result object on stdout
     #[arg(long)]
     pub json: bool,
+    /// Also write the images: an OCI layout directory or an oci-archive file
+    #[arg(short, long, value_name = "oci:DIR|oci-archive:FILE")]
+    pub output: Option<super::images::Output>,
 }
 
 #[derive(Debug, Args)]
@@ -131,7 +134,36 @@ pub fn run(args: BuildArgs, settings: &Settings) -> miette::Result<ExitCode> {
     if !settings.quiet {
         eprintln!("{}", summary(&report, args.check));
     }
+    if let Some(output) = &args.output {
+        write_images(&recipe, &graph, &store, &report, output, ctx.options.jobs, settings)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Assembles the planned images from the build's outputs and writes them.
+fn write_images(
+    recipe: &Recipe,
+    graph: &crate::graph::BuildGraph,
+    store: &Store,
+    report: &BuildReport,
+    output: &super::images::Output,
+    jobs: usize,
+    settings: &Settings,
+) -> miette::Result<()> {
+    let outputs: std::collections::HashMap<crate::graph::NodeId, crate::digest::Digest> =
+        report.nodes.iter().map(|n| (n.node, n.output)).collect();
+    let created = super::images::source_date_epoch()?;
+    let specs =
+        crate::image::specs_from_graph(recipe, graph, &outputs, created).into_diagnostic()?;
+    let options = crate::image::AssembleOptions { threads: jobs, ..Default::default() };
+    let (images, _) = crate::image::assemble(store, &specs, &options).into_diagnostic()?;
+    super::images::write_images(store, output, &images, settings)?;
+    if !settings.quiet {
+        for image in &images {
+            eprintln!("image {} sha256:{}", image.name, image.top.digest);
+        }
+    }
+    Ok(())
 }
 
 fn summary(report: &BuildReport, check: bool) -> String {

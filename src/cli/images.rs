@@ -128,12 +128,7 @@ pub fn assemble(args: AssembleArgs, settings: &Settings) -> miette::Result<ExitC
         .map_err(|e| miette::miette!("{e}"))?;
     let created = match args.created {
         Some(c) => c,
-        None => match std::env::var("SOURCE_DATE_EPOCH") {
-            Ok(v) => v.trim().parse().map_err(|_| {
-                miette::miette!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")
-            })?,
-            Err(_) => 0,
-        },
+        None => source_date_epoch()?,
     };
     let platforms =
         if args.platforms.is_empty() { vec![Platform::host()] } else { args.platforms.clone() };
@@ -171,18 +166,40 @@ pub fn assemble(args: AssembleArgs, settings: &Settings) -> miette::Result<ExitC
         AssembleOptions { max_layers: args.max_layers, threads: args.jobs, ..Default::default() };
     let store = open_store(settings)?;
     let (images, _) = crate::image::assemble(&store, &[spec], &options).into_diagnostic()?;
-    match output {
-        Some(Output::Layout(dir)) => {
-            crate::image::write_oci_layout(&store, &settings.cwd.join(dir), &images)
-        }
-        Some(Output::Archive(file)) => {
-            crate::image::write_oci_archive(&store, &settings.cwd.join(file), &images)
-        }
-        None => Ok(()),
+    if let Some(output) = &output {
+        write_images(&store, output, &images, settings)?;
     }
-    .into_diagnostic()?;
     let image = &images[0];
     super::write_stdout(format!("sha256:{}\n", image.top.digest).as_bytes())
+}
+
+/// The default image creation time: `SOURCE_DATE_EPOCH`, else 0 (1970).
+pub(crate) fn source_date_epoch() -> miette::Result<i64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| miette::miette!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+        Err(_) => Ok(0),
+    }
+}
+
+/// Writes assembled images where `output` says.
+pub(crate) fn write_images(
+    store: &Store,
+    output: &Output,
+    images: &[crate::image::AssembledImage],
+    settings: &Settings,
+) -> miette::Result<()> {
+    match output {
+        Output::Layout(dir) => {
+            crate::image::write_oci_layout(store, &settings.cwd.join(dir), images)
+        }
+        Output::Archive(file) => {
+            crate::image::write_oci_archive(store, &settings.cwd.join(file), images)
+        }
+    }
+    .into_diagnostic()
 }
 
 fn open_store(settings: &Settings) -> miette::Result<Store> {

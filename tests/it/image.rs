@@ -779,3 +779,34 @@ image "app" {
     let err = image::specs_from_graph(&recipe, &graph, &outputs, 0).unwrap_err();
     assert!(matches!(err, ImageError::MissingOutput { .. }), "{err:?}");
 }
+
+crate::rootless_test! {
+    /// `pkg build RECIPE -o oci:DIR` builds the demo recipe and writes its
+    /// image: an index with both platforms, whose amd64 image unpacks with
+    /// umoci and runs its greeting.
+    fn build_writes_the_demo_image() {
+        let ctx = TestContext::new();
+        let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/hello");
+        let both = ctx.root().join("both");
+        let out = ctx.run(&["build", recipe, "-o", &format!("oci:{}", both.display())]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("image hello sha256:"), "{}", stderr(&out));
+        let raw = tool("skopeo", &["inspect", "--raw", &format!("oci:{}:hello", both.display())]);
+        let index: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+        let archs: Vec<&str> =
+            index["manifests"].as_array().unwrap().iter().map(|m| m["platform"]["architecture"].as_str().unwrap()).collect();
+        assert_eq!(archs, ["amd64", "arm64"]);
+
+        // umoci cannot pick from an index; build the host platform alone (all cached).
+        let amd64 = ctx.root().join("amd64");
+        let out = ctx.run(&["build", recipe, "--platform", "linux/amd64", "-o", &format!("oci:{}", amd64.display())]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("up to date"), "{}", stderr(&out));
+        let bundle = ctx.root().join("bundle");
+        tool("umoci", &["unpack", "--rootless", "--image", &format!("{}:hello", amd64.display()), bundle.to_str().unwrap()]);
+        let hello = Command::new(bundle.join("rootfs/usr/bin/hello")).arg("there").output().unwrap();
+        assert_eq!(stdout(&hello), "Hello from pkg!\narg 1: there\n");
+        let passwd = std::fs::read_to_string(bundle.join("rootfs/etc/passwd")).unwrap();
+        assert!(passwd.contains("nonroot:x:65532"), "{passwd}");
+    }
+}
