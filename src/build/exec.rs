@@ -167,7 +167,8 @@ fn run_in(
         IdMapping::single(0, 0, options.uid, options.gid),
         vec!["/bin/sh".into(), "-eu".into(), "-c".into(), driver(&commands.commands).into()],
     );
-    spec.network = Network::None;
+    // No network at all: not even loopback, so a build cannot reach anything.
+    spec.network = Network::Disconnected;
     for host in HOST_DIRS {
         if Path::new(host).exists() {
             spec.mounts.push(Mount::bind_ro(host, host));

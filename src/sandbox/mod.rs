@@ -16,8 +16,10 @@
 //! - [`channel`] is the typed handshake between caller, launcher and workload.
 //!
 //! Network: with [`Network::None`] the sandbox has its own network namespace
-//! holding only `lo`, which the launcher brings up (builds' test suites may
-//! listen on localhost); nothing outside is reachable.
+//! holding only `lo`, which the launcher brings up (like `docker run
+//! --network none`); nothing outside is reachable. [`Network::Disconnected`]
+//! leaves `lo` down as well, so every address, 127.0.0.1 included, is
+//! unreachable: builds use it ("no network at all").
 //!
 //! A build (`$out` and a private copy of the source read-write, host
 //! toolchain read-only, output to a log):
@@ -153,6 +155,8 @@ impl SandboxSpec {
 pub enum Network {
     /// A new network namespace with only `lo` (up): no access outside.
     None,
+    /// A new network namespace with `lo` down: no address is reachable.
+    Disconnected,
     /// The host's network namespace.
     Host,
 }

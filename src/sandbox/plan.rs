@@ -468,7 +468,7 @@ impl Plan {
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC;
-        if spec.network == Network::None {
+        if spec.network != Network::Host {
             clone_flags |= CloneFlags::CLONE_NEWNET;
         }
 
