@@ -403,21 +403,7 @@ impl Parser<'_> {
                     self.i += 1;
                     out.push(escaped);
                 }
-                _ if c < 0x80 => {
-                    if !is_plain_ascii(c) {
-                        return None;
-                    }
-                    out.push(c as char);
-                    self.i += 1;
-                }
-                _ => {
-                    let ch = self.src[self.i..].chars().next()?;
-                    if is_special_unicode(ch) {
-                        return None;
-                    }
-                    out.push(ch);
-                    self.i += ch.len_utf8();
-                }
+                _ => out.push(self.literal_char(&[])?),
             }
         }
     }
@@ -440,19 +426,28 @@ impl Parser<'_> {
                 self.i += 1 + hashes;
                 return Some(text);
             }
-            if c < 0x80 {
-                if !is_plain_ascii(c) {
-                    return None;
-                }
-                self.i += 1;
-            } else {
-                let ch = self.src[self.i..].chars().next()?;
-                if is_special_unicode(ch) {
-                    return None;
-                }
-                self.i += ch.len_utf8();
-            }
+            self.literal_char(&[])?;
         }
+    }
+
+    /// Consumes one character allowed literally in strings and comments (plain
+    /// ASCII, one of `also`, or Unicode that is not whitespace, a newline or
+    /// disallowed) and returns it.
+    fn literal_char(&mut self, also: &[u8]) -> Option<char> {
+        let c = self.peek()?;
+        if c < 0x80 {
+            if !is_plain_ascii(c) && !also.contains(&c) {
+                return None;
+            }
+            self.i += 1;
+            return Some(c as char);
+        }
+        let ch = self.src[self.i..].chars().next()?;
+        if is_special_unicode(ch) {
+            return None;
+        }
+        self.i += ch.len_utf8();
+        Some(ch)
     }
 
     /// Spaces, tabs, `/* */` comments and `\` line continuations within a node.
@@ -529,20 +524,7 @@ impl Parser<'_> {
 
     /// Skips one character of a comment, refusing control and special characters.
     fn comment_char(&mut self) -> Option<()> {
-        let c = self.peek()?;
-        if c < 0x80 {
-            if !is_plain_ascii(c) && c != b'\n' && c != b'\r' {
-                return None;
-            }
-            self.i += 1;
-        } else {
-            let ch = self.src[self.i..].chars().next()?;
-            if is_special_unicode(ch) {
-                return None;
-            }
-            self.i += ch.len_utf8();
-        }
-        Some(())
+        self.literal_char(b"\n\r").map(drop)
     }
 
     /// `/* … */`, nested.
