@@ -115,6 +115,17 @@ pub fn driver(commands: &[String]) -> String {
     script
 }
 
+/// Maps an I/O error of workspace step `step` on `path` to a [`BuildError`].
+fn workspace_error(
+    job: &Job<'_>,
+    step: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> BuildError + use<> {
+    let (package, platform, path) =
+        (job.package.name.value.clone(), *job.platform, path.to_path_buf());
+    move |source| BuildError::Workspace { package, platform, step, path, source }
+}
+
 /// Runs `job` in the sandbox and ingests its `$out`; returns the output tree.
 pub fn run(
     store: &Store,
@@ -122,12 +133,7 @@ pub fn run(
     job: &Job<'_>,
     commands: &BuildCommands,
 ) -> Result<Digest, BuildError> {
-    let package = job.package.name.value.clone();
-    let platform = *job.platform;
-    let io_error = |step: &'static str, path: &Path| {
-        let (package, path) = (package.clone(), path.to_path_buf());
-        move |source| BuildError::Workspace { package, platform, step, path, source }
-    };
+    let io_error = |step, path: &Path| workspace_error(job, step, path);
     let tmp = store.root().join("tmp");
     let workspace = tempfile::Builder::new()
         .prefix("build-")
@@ -148,10 +154,7 @@ fn run_in(
 ) -> Result<Digest, BuildError> {
     let package = job.package.name.value.clone();
     let platform = *job.platform;
-    let io_error = |step: &'static str, path: &Path| {
-        let (package, path) = (package.clone(), path.to_path_buf());
-        move |source| BuildError::Workspace { package, platform, step, path, source }
-    };
+    let io_error = |step, path: &Path| workspace_error(job, step, path);
     let (src, out, deps) = (dir.join("src"), dir.join("out"), dir.join("deps"));
     for d in [&src, &out, &deps] {
         std::fs::create_dir(d).map_err(io_error("create", d))?;

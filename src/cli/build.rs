@@ -13,7 +13,7 @@ use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use miette::IntoDiagnostic;
 
-use super::{Settings, load_recipe, plan, selection, write_stdout};
+use super::{Settings, load_recipe, write_stdout};
 use crate::build::{BuildContext, BuildOptions, BuildReport, Observer, Outcome};
 use crate::platform::Platform;
 use crate::recipe::{Builder, Recipe};
@@ -22,15 +22,8 @@ use crate::tool::HostTools;
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// A .kdl recipe or a directory holding pkg.kdl
-    #[arg(default_value = "pkg.kdl", value_name = "RECIPE")]
-    pub recipe: PathBuf,
-    /// Only the packages of this image (repeatable)
-    #[arg(long = "image", value_name = "NAME")]
-    pub images: Vec<String>,
-    /// Build for these platforms instead of each image's own (repeatable)
-    #[arg(long = "platform", value_name = "OS/ARCH")]
-    pub platforms: Vec<Platform>,
+    #[command(flatten)]
+    pub target: super::TargetArgs,
     /// Rebuild every package and compare with the stored output, naming each file that differs
     #[arg(long)]
     pub check: bool,
@@ -91,8 +84,7 @@ fn tool_path(recipe: &Recipe, settings: &Settings) -> Option<std::ffi::OsString>
 }
 
 pub fn run(args: BuildArgs, settings: &Settings) -> miette::Result<ExitCode> {
-    let recipe = load_recipe(&args.recipe)?;
-    let graph = plan(&recipe, &selection(args.images, args.platforms))?;
+    let (recipe, graph) = args.target.load_and_plan()?;
     let store = Store::open(&settings.store).into_diagnostic()?;
     let tools = HostTools::new(tool_path(&recipe, settings));
     let progress = Progress::new(settings.quiet || !std::io::stderr().is_terminal());

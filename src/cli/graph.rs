@@ -1,27 +1,18 @@
 //! `pkg graph`: print a recipe's build graph as an indented tree or Graphviz dot.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 
-use super::{Settings, load_recipe, plan, selection, write_stdout};
+use super::{Settings, write_stdout};
 use crate::graph::{BuildGraph, NodeId};
-use crate::platform::Platform;
 use crate::recipe::Recipe;
 
 #[derive(Debug, Args)]
 pub struct GraphArgs {
-    /// A .kdl recipe or a directory holding pkg.kdl
-    #[arg(default_value = "pkg.kdl", value_name = "RECIPE")]
-    pub recipe: PathBuf,
-    /// Only this image (repeatable)
-    #[arg(long = "image", value_name = "NAME")]
-    pub images: Vec<String>,
-    /// Plan for these platforms instead of each image's own (repeatable)
-    #[arg(long = "platform", value_name = "OS/ARCH")]
-    pub platforms: Vec<Platform>,
+    #[command(flatten)]
+    pub target: super::TargetArgs,
     /// Output format
     #[arg(long, value_enum, default_value_t = Format::Tree)]
     pub format: Format,
@@ -36,10 +27,9 @@ pub enum Format {
 }
 
 pub fn run(args: GraphArgs, _settings: &Settings) -> miette::Result<ExitCode> {
-    let recipe = load_recipe(&args.recipe)?;
-    let graph = plan(&recipe, &selection(args.images.clone(), args.platforms))?;
+    let (recipe, graph) = args.target.load_and_plan()?;
     let text = match args.format {
-        Format::Tree if args.images.is_empty() => render_tree(&recipe, &graph, true),
+        Format::Tree if args.target.images.is_empty() => render_tree(&recipe, &graph, true),
         Format::Tree => render_tree(&recipe, &graph, false),
         Format::Dot => render_dot(&recipe, &graph),
     };

@@ -80,6 +80,30 @@ pub enum Command {
     Store(store::StoreCommand),
 }
 
+/// What a command works on: a recipe, and optionally some of its images and
+/// other platforms (shared by `pkg build` and `pkg graph`).
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// A .kdl recipe or a directory holding pkg.kdl
+    #[arg(default_value = "pkg.kdl", value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// Only this image and what it needs (repeatable)
+    #[arg(long = "image", value_name = "NAME")]
+    pub images: Vec<String>,
+    /// Use these platforms instead of each image's own (repeatable)
+    #[arg(long = "platform", value_name = "OS/ARCH")]
+    pub platforms: Vec<Platform>,
+}
+
+impl TargetArgs {
+    /// Loads the recipe and plans the selected images on the selected platforms.
+    pub(crate) fn load_and_plan(&self) -> miette::Result<(Recipe, BuildGraph)> {
+        let recipe = load_recipe(&self.recipe)?;
+        let graph = plan(&recipe, &selection(self.images.clone(), self.platforms.clone()))?;
+        Ok((recipe, graph))
+    }
+}
+
 /// Global settings once the environment and defaults are applied.
 #[derive(Debug, Clone)]
 pub struct Settings {
