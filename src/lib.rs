@@ -17,6 +17,7 @@ pub mod image;
 pub mod key;
 pub mod platform;
 pub mod recipe;
+pub mod run;
 pub mod sandbox;
 pub mod store;
 pub mod tool;

@@ -15,6 +15,7 @@ use miette::IntoDiagnostic;
 
 use super::{Settings, load_recipe, write_stdout};
 use crate::build::{BuildContext, BuildOptions, BuildReport, Observer, Outcome};
+use crate::image::AssembledImage;
 use crate::platform::Platform;
 use crate::recipe::{Builder, Recipe};
 use crate::store::Store;
@@ -86,25 +87,15 @@ fn tool_path(recipe: &Recipe, settings: &Settings) -> Option<std::ffi::OsString>
 pub fn run(args: BuildArgs, settings: &Settings) -> miette::Result<ExitCode> {
     let (recipe, graph) = args.target.load_and_plan()?;
     let store = Store::open(&settings.store).into_diagnostic()?;
-    let tools = HostTools::new(tool_path(&recipe, settings));
-    let progress = Progress::new(settings.quiet || !std::io::stderr().is_terminal());
-    let ctx = BuildContext {
-        recipe: &recipe,
-        graph: &graph,
-        store: &store,
-        tools: &tools,
-        observer: &progress,
-        options: BuildOptions {
-            uid: settings.uid,
-            gid: settings.gid,
-            jobs: args.jobs.map_or(settings.cores, |j| j as usize),
-            offline: args.offline,
-            check: args.check,
-        },
+    let jobs = args.jobs.map_or(settings.cores, |j| j as usize);
+    let options = BuildOptions {
+        uid: settings.uid,
+        gid: settings.gid,
+        jobs,
+        offline: args.offline,
+        check: args.check,
     };
-    let result = crate::build::build(&ctx);
-    progress.finish();
-    let report = result.into_diagnostic()?;
+    let report = build(&recipe, &graph, &store, options, settings)?;
     if args.json {
         let mut text = serde_json::to_string_pretty(&report).into_diagnostic()?;
         text.push('\n');
@@ -126,22 +117,59 @@ pub fn run(args: BuildArgs, settings: &Settings) -> miette::Result<ExitCode> {
     if !settings.quiet {
         eprintln!("{}", summary(&report, args.check));
     }
+    let images = assemble(&recipe, &graph, &store, &report, jobs, settings)?;
     if let Some(output) = &args.output {
-        write_images(&recipe, &graph, &store, &report, output, ctx.options.jobs, settings)?;
+        super::images::write_images(&store, output, &images, settings)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Assembles the planned images from the build's outputs and writes them.
-fn write_images(
+/// Builds what `target` selects and records its images in the store: what
+/// `pkg run RECIPE` does before it runs one of them.
+pub(crate) fn build_images(
+    target: &super::TargetArgs,
+    settings: &Settings,
+) -> miette::Result<(Store, Vec<AssembledImage>)> {
+    let (recipe, graph) = target.load_and_plan()?;
+    let store = Store::open(&settings.store).into_diagnostic()?;
+    let options = BuildOptions {
+        uid: settings.uid,
+        gid: settings.gid,
+        jobs: settings.cores,
+        offline: false,
+        check: false,
+    };
+    let report = build(&recipe, &graph, &store, options, settings)?;
+    let images = assemble(&recipe, &graph, &store, &report, settings.cores, settings)?;
+    Ok((store, images))
+}
+
+/// Runs the build of every planned package, with progress bars on a terminal.
+fn build(
+    recipe: &Recipe,
+    graph: &crate::graph::BuildGraph,
+    store: &Store,
+    options: BuildOptions,
+    settings: &Settings,
+) -> miette::Result<BuildReport> {
+    let tools = HostTools::new(tool_path(recipe, settings));
+    let progress = Progress::new(settings.quiet || !std::io::stderr().is_terminal());
+    let ctx = BuildContext { recipe, graph, store, tools: &tools, observer: &progress, options };
+    let result = crate::build::build(&ctx);
+    progress.finish();
+    result.into_diagnostic()
+}
+
+/// Assembles the planned images from the build's outputs and records them
+/// in the store under their names.
+fn assemble(
     recipe: &Recipe,
     graph: &crate::graph::BuildGraph,
     store: &Store,
     report: &BuildReport,
-    output: &super::images::Output,
     jobs: usize,
     settings: &Settings,
-) -> miette::Result<()> {
+) -> miette::Result<Vec<AssembledImage>> {
     let outputs: std::collections::HashMap<crate::graph::NodeId, crate::digest::Digest> =
         report.nodes.iter().map(|n| (n.node, n.output)).collect();
     let created = super::images::source_date_epoch()?;
@@ -149,13 +177,12 @@ fn write_images(
         crate::image::specs_from_graph(recipe, graph, &outputs, created).into_diagnostic()?;
     let options = crate::image::AssembleOptions { threads: jobs, ..Default::default() };
     let (images, _) = crate::image::assemble(store, &specs, &options).into_diagnostic()?;
-    super::images::write_images(store, output, &images, settings)?;
     if !settings.quiet {
         for image in &images {
             eprintln!("image {} sha256:{}", image.name, image.top.digest);
         }
     }
-    Ok(())
+    Ok(images)
 }
 
 fn summary(report: &BuildReport, check: bool) -> String {

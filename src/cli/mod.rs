@@ -13,6 +13,7 @@ mod build;
 mod doctor;
 mod graph;
 mod images;
+mod run;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
@@ -70,6 +71,9 @@ pub enum Command {
         /// The shell to complete for
         shell: clap_complete::Shell,
     },
+    /// Run an image rootless, like `docker run`: a recipe (built first), an
+    /// image in the store, oci:DIR[:REF] or oci-archive:FILE[:REF]
+    Run(run::RunArgs),
     /// List the images recorded in the store: name, platforms, digest, size
     Images(images::ImagesArgs),
     /// Assemble an OCI image from package trees already in the store (plumbing)
@@ -182,11 +186,25 @@ pub fn main() -> ExitCode {
 }
 
 fn main_on_this_thread() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return match error.exit_code() {
+                0 => ExitCode::SUCCESS,
+                // `docker run` exits 125 for its own usage errors too.
+                _ if run::invoked(&argv) => ExitCode::from(run::FAILED_TO_START),
+                code => ExitCode::from(u8::try_from(code).unwrap_or(2)),
+            };
+        }
+    };
     let color = cli.global.color;
+    let failed =
+        if matches!(cli.command, Command::Run(_)) { run::FAILED_TO_START } else { 1 };
     let result = Settings::resolve(&cli.global).and_then(|settings| {
         install_report_handler(settings.color);
-        run(cli.command, &settings)
+        dispatch(cli.command, &settings)
     });
     match result {
         Ok(code) => code,
@@ -195,7 +213,7 @@ fn main_on_this_thread() -> ExitCode {
                 install_report_handler(false);
             }
             eprintln!("{report:?}");
-            ExitCode::FAILURE
+            ExitCode::from(failed)
         }
     }
 }
@@ -207,8 +225,9 @@ fn install_report_handler(color: bool) {
     }));
 }
 
-fn run(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
+fn dispatch(command: Command, settings: &Settings) -> miette::Result<ExitCode> {
     match command {
+        Command::Run(args) => Ok(run::run(args, settings)),
         Command::Build(args) => build::run(args, settings),
         Command::Fetch(args) => build::fetch(args, settings),
         Command::Graph(args) => graph::run(args, settings),

@@ -138,11 +138,12 @@ pub fn run(command: StoreCommand, settings: &Settings) -> miette::Result<ExitCod
             }
             writeln!(
                 text,
-                "{} {} trees, {} blobs, {} cached files, {} temp files; {} {}",
+                "{} {} trees, {} blobs, {} cached files, {} checkouts, {} temp files; {} {}",
                 if dry_run { "would remove" } else { "removed" },
                 report.trees.len(),
                 report.blobs.len(),
                 report.cached_files,
+                report.checkouts,
                 report.temp_files,
                 if dry_run { "would free" } else { "freed" },
                 bytes(report.bytes),

@@ -65,7 +65,7 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     // The caller's handlers must never run here: the launcher only takes
     // its (blocked) signals with sigwaitinfo.
     sys.reset_signal_handlers();
-    if channel.wait_for_mapping(sys).is_err() {
+    if sys.kill_with_parent().is_err() || channel.wait_for_mapping(sys).is_err() {
         sys.exit(SETUP_FAILED);
     }
     if let Err(failure) = run_steps(sys, &launch.plan.steps) {

@@ -305,6 +305,8 @@ pub enum SandboxError {
     Pipe(#[source] Errno),
     #[error("cannot block the launcher's signals before the clone")]
     SignalMask(#[source] Errno),
+    #[error("cannot forward signals to the sandbox")]
+    Forward(#[source] Errno),
     #[error(
         "cannot clone a process into new namespaces (are unprivileged user namespaces enabled?)"
     )]
@@ -372,7 +374,8 @@ impl Sandbox {
         self.spawn(spec)?.wait()
     }
 
-    /// Starts `spec` and returns once the workload has been exec'd.
+    /// Starts `spec` and returns once the workload has been exec'd. The
+    /// sandbox is killed when the calling thread exits.
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<Running, SandboxError> {
         let plan = Plan::new(spec, &resolve_host_source)?;
         self.start(spec, &plan, false)
@@ -536,6 +539,26 @@ impl Running {
             Some(wait_status) => Ok(sys::decode_wait_status(wait_status)),
             None => Err(SandboxError::LauncherDied(sys::decode_wait_status(status))),
         }
+    }
+
+    /// [`Running::wait`], meanwhile forwarding the caller's SIGINT, SIGTERM,
+    /// SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the workload (what `pkg run`
+    /// does, like `docker run`'s signal proxy; see [`sys::forward`]).
+    pub fn wait_forwarding(self) -> Result<ExitStatus, SandboxError> {
+        use nix::sys::wait::{Id, WaitPidFlag, waitid};
+        let pid = self.pid.expect("a running sandbox has a launcher");
+        let forwarder = sys::forward::Forwarder::start(pid, &launcher::FORWARDED)
+            .map_err(SandboxError::Forward)?;
+        // Wait without reaping: the pid stays ours until forwarding stops.
+        loop {
+            match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(SandboxError::Wait(errno)),
+                Ok(_) => break,
+            }
+        }
+        drop(forwarder);
+        self.wait()
     }
 
     /// The program the sandbox runs, as named in the spec.

@@ -102,6 +102,9 @@ pub trait Syscall {
     fn loopback_up(&self) -> SysResult<()>;
     fn set_no_new_privs(&self) -> SysResult<()>;
     fn umask(&self, mode: u32);
+    /// Has the kernel send SIGKILL to this process when the thread that
+    /// created it exits, so a killed caller leaves no sandbox behind.
+    fn kill_with_parent(&self) -> SysResult<()>;
 
     // --- the workload, between fork and exec ---
     /// Drops supplementary groups and switches real, effective and saved ids.
@@ -254,6 +257,11 @@ impl Syscall for LinuxSyscall {
 
     fn set_no_new_privs(&self) -> SysResult<()> {
         nix::sys::prctl::set_no_new_privs()
+    }
+
+    fn kill_with_parent(&self) -> SysResult<()> {
+        // SAFETY: PR_SET_PDEATHSIG takes a signal number and has no memory effects.
+        check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) })
     }
 
     fn umask(&self, mode: u32) {
@@ -424,5 +432,86 @@ pub fn decode_wait_status(status: c_int) -> super::ExitStatus {
         super::ExitStatus::Signaled(libc::WTERMSIG(status))
     } else {
         super::ExitStatus::Exited(libc::WEXITSTATUS(status))
+    }
+}
+
+/// Forwarding of the caller's signals to a sandbox's launcher, which passes
+/// them on to the workload (see [`super::Running::wait_forwarding`]).
+///
+/// While a [`Forwarder`] lives, the caller's SIGINT, SIGTERM, SIGHUP,
+/// SIGQUIT, SIGUSR1 and SIGUSR2 run a handler that `kill`s the launcher with
+/// the same signal, whichever thread the kernel picks. Signals the kernel
+/// generated (the terminal's SIGINT and SIGQUIT go to the whole foreground
+/// process group, which includes a workload in the caller's session) are not
+/// forwarded, so the workload gets each exactly once. The launcher's pid is
+/// cleared before it is reaped, and [`Forwarder::stop`] waits for handlers in
+/// flight, so a forwarded signal can never reach a recycled pid.
+pub mod forward {
+    use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+
+    use nix::errno::Errno;
+    use nix::libc;
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    use nix::unistd::Pid;
+
+    /// The launcher to forward to (0: none).
+    static TARGET: AtomicI32 = AtomicI32::new(0);
+    /// Handlers between reading [`TARGET`] and their `kill`.
+    static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+    extern "C" fn forward(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        let saved = Errno::last_raw();
+        let pid = TARGET.load(Ordering::SeqCst);
+        // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
+        let from_kernel = !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL;
+        if pid > 0 && !from_kernel {
+            // SAFETY: kill is async-signal-safe and has no memory effects.
+            unsafe { libc::kill(pid, signal) };
+        }
+        Errno::set_raw(saved);
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Forwarding to one launcher; dropping it restores the old handlers.
+    pub struct Forwarder {
+        old: Vec<(Signal, SigAction)>,
+    }
+
+    impl Forwarder {
+        /// Starts forwarding `signals` to `launcher`. One forwarder at a time
+        /// per process (the target is process-wide).
+        pub fn start(launcher: Pid, signals: &[Signal]) -> nix::Result<Self> {
+            TARGET.store(launcher.as_raw(), Ordering::SeqCst);
+            let action =
+                SigAction::new(SigHandler::SigAction(forward), SaFlags::SA_RESTART, SigSet::empty());
+            let mut forwarder = Forwarder { old: Vec::new() };
+            for &signal in signals {
+                // SAFETY: the handler only touches atomics, errno and kill,
+                // all async-signal-safe.
+                let old = unsafe { sigaction(signal, &action) }?;
+                forwarder.old.push((signal, old));
+            }
+            Ok(forwarder)
+        }
+
+        /// Stops forwarding; once this returns no handler will signal the
+        /// launcher, so it may be reaped.
+        pub fn stop(&self) {
+            TARGET.store(0, Ordering::SeqCst);
+            while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    impl Drop for Forwarder {
+        fn drop(&mut self) {
+            self.stop();
+            for (signal, old) in self.old.drain(..) {
+                // SAFETY: restores the disposition that was in place before.
+                let _ = unsafe { sigaction(signal, &old) };
+            }
+        }
     }
 }

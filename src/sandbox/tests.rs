@@ -118,6 +118,9 @@ impl Syscall for Recorder {
     fn set_no_new_privs(&self) -> SysResult<()> {
         self.record("no_new_privs".into())
     }
+    fn kill_with_parent(&self) -> SysResult<()> {
+        self.record("kill_with_parent".into())
+    }
     fn umask(&self, mode: u32) {
         let _ = self.record(format!("umask {mode:03o}"));
     }

@@ -11,6 +11,14 @@
 //! Cached files are written like objects (temp + fsync + rename) from chunks that
 //! are verified as they are read, so a checkout either fails with an error
 //! naming the bad object or holds exactly the stored bytes.
+//!
+//! [`Store::shared_checkout`] keeps one checkout per tree under
+//! `checkouts/trees/HEX` for `pkg run`, which stacks them as overlayfs lower
+//! layers. It is built in `tmp/` and renamed into place whole, so a name there
+//! always holds a complete checkout; concurrent callers agree on one. Its
+//! directories keep their exact permission bits (an image's `/tmp` must stay
+//! `1777`): directory inodes belong to that checkout alone, and overlayfs never
+//! writes to a lower layer. Files are the shared, read-only cached inodes.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -50,7 +58,7 @@ impl Store {
             }
             Err(e) => return Err(e).ctx("list", dest),
         };
-        if let Err(e) = self.checkout_dir(tree, dest) {
+        if let Err(e) = self.checkout_dir(tree, dest, DirModes::ReadOnly) {
             // Leave no half checkout behind that could pass for a whole one.
             if created {
                 let _ = remove_checkout(dest);
@@ -60,7 +68,42 @@ impl Store {
         set_mode(dest, 0o555)
     }
 
-    fn checkout_dir(&self, digest: &Digest, dir: &Path) -> Result<()> {
+    /// The shared checkout of `tree` (see the module docs), created if absent.
+    pub fn shared_checkout(&self, tree: &Digest) -> Result<PathBuf> {
+        let dest = self.shared_checkout_path(tree);
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let _pin = self.pin()?;
+        let tmp_dir = self.root.join("tmp");
+        let tmp = tempfile::Builder::new()
+            .prefix(".t")
+            .tempdir_in(&tmp_dir)
+            .ctx("create a temp directory in", &tmp_dir)?
+            .keep();
+        let built = self.checkout_dir(tree, &tmp, DirModes::Exact).and_then(|()| {
+            let parent = self.root.join("checkouts/trees");
+            std::fs::create_dir_all(&parent).ctx("create directory", &parent)?;
+            match std::fs::rename(&tmp, &dest) {
+                Ok(()) => super::sync_parent(&dest),
+                // Another process put its (identical) checkout there first.
+                Err(_) if dest.is_dir() => remove_checkout(&tmp),
+                Err(e) => Err(e).ctx("rename a checkout to", &dest),
+            }
+        });
+        if built.is_err() {
+            let _ = remove_checkout(&tmp);
+        }
+        built?;
+        set_mode(&dest, 0o755)?;
+        Ok(dest)
+    }
+
+    pub(crate) fn shared_checkout_path(&self, tree: &Digest) -> PathBuf {
+        self.root.join("checkouts/trees").join(tree.to_hex())
+    }
+
+    fn checkout_dir(&self, digest: &Digest, dir: &Path, modes: DirModes) -> Result<()> {
         let tree = self.read_tree(digest)?;
         tree.entries.par_iter().try_for_each(|(name, node)| {
             let path = dir.join(name.as_os_str());
@@ -70,8 +113,9 @@ impl Store {
                     .ctx("create symlink", &path),
                 Node::Dir(child) => {
                     std::fs::create_dir(&path).ctx("create directory", &path)?;
-                    self.checkout_dir(&child.digest, &path)?;
-                    set_mode(&path, child.permissions.bits() & !WRITE_BITS)
+                    self.checkout_dir(&child.digest, &path, modes)?;
+                    let bits = child.permissions.bits();
+                    set_mode(&path, if modes == DirModes::Exact { bits } else { bits & !WRITE_BITS })
                 }
             }
         })
@@ -119,6 +163,15 @@ impl Store {
         tmp.persist(cached).map_err(|e| e.error).ctx("rename a temp file to", cached)?;
         super::sync_parent(cached)
     }
+}
+
+/// Which permission bits a checkout's directories get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DirModes {
+    /// The tree's bits minus every write bit.
+    ReadOnly,
+    /// Exactly the tree's bits.
+    Exact,
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {

@@ -70,6 +70,8 @@ pub struct GcReport {
     pub trees: Vec<Digest>,
     pub blobs: Vec<Digest>,
     pub cached_files: u64,
+    /// Shared checkouts (`checkouts/trees/`) of trees no ref reaches.
+    pub checkouts: u64,
     pub temp_files: u64,
     /// Bytes of all removed files.
     pub bytes: u64,
@@ -280,6 +282,17 @@ impl Store {
                 report.blobs.push(digest);
             }
         }
+        // Shared checkouts of dead trees go before the cached files they link.
+        let trees_dir = self.root.join("checkouts/trees");
+        for (digest, path) in list_dir(&trees_dir, |name| Digest::from_hex(name).ok())? {
+            if !live_trees.contains(&digest) {
+                report.bytes += dir_size(&path)?;
+                if !dry_run {
+                    super::remove_checkout(&path)?;
+                }
+                report.checkouts += 1;
+            }
+        }
         // A cached file with one link is in no checkout: nothing shares it any more.
         for (_, path) in self.list_cached_files()? {
             let meta = std::fs::symlink_metadata(&path).ctx("read metadata of", &path)?;
@@ -292,7 +305,15 @@ impl Store {
         let tmp = self.root.join("tmp");
         for entry in std::fs::read_dir(&tmp).ctx("list", &tmp)? {
             let path = entry.ctx("list", &tmp)?.path();
-            remove(&path, &mut report)?;
+            if std::fs::symlink_metadata(&path).ctx("read metadata of", &path)?.is_dir() {
+                // An interrupted shared checkout.
+                report.bytes += dir_size(&path)?;
+                if !dry_run {
+                    super::remove_checkout(&path)?;
+                }
+            } else {
+                remove(&path, &mut report)?;
+            }
             report.temp_files += 1;
         }
         Ok(report)
@@ -321,6 +342,40 @@ fn reason(e: &StoreError) -> String {
     }
 }
 
+/// Entries of `dir` (absent: none) whose names `parse` accepts, sorted.
+fn list_dir<T: Ord>(dir: &Path, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<(T, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).ctx("list", dir),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.ctx("list", dir)?;
+        if let Some(parsed) = entry.file_name().to_str().and_then(&parse) {
+            out.push((parsed, entry.path()));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Bytes of the regular files and symlinks below `dir` that only it links
+/// (a hard link shared with the file cache is counted there).
+fn dir_size(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).ctx("list", dir)? {
+        let path = entry.ctx("list", dir)?.path();
+        let meta = std::fs::symlink_metadata(&path).ctx("read metadata of", &path)?;
+        if meta.is_dir() {
+            total += dir_size(&path)?;
+        } else if meta.nlink() == 1 {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
 /// Files under `top/XX/` whose names `parse` accepts, sorted.
 fn list_sharded<T: Ord>(
     top: &Path,
@@ -328,18 +383,7 @@ fn list_sharded<T: Ord>(
 ) -> Result<Vec<(T, PathBuf)>> {
     let mut out = Vec::new();
     for shard in 0..=255u8 {
-        let dir = top.join(format!("{shard:02x}"));
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).ctx("list", &dir),
-        };
-        for entry in entries {
-            let entry = entry.ctx("list", &dir)?;
-            if let Some(parsed) = entry.file_name().to_str().and_then(&parse) {
-                out.push((parsed, entry.path()));
-            }
-        }
+        out.extend(list_dir(&top.join(format!("{shard:02x}")), &parse)?);
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)

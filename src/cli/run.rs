@@ -1,0 +1,397 @@
+//! `pkg run`: run an image in the rootless sandbox, like `docker run`.
+//!
+//! This is the edge where the caller's ids, subordinate ranges, terminal
+//! and environment are read; [`crate::run`] gets them as plain values. Exit
+//! status: the workload's (128+N for signal N); 125 when pkg fails before
+//! the workload starts; 126 when it cannot be executed; 127 when not found.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+
+use super::Settings;
+use crate::platform::Platform;
+use crate::run::{NetworkMode, RunError, RunHost, RunImage, RunOptions, Subordinate, Volume};
+use crate::sandbox::Sandbox;
+use crate::store::{RefName, Store};
+use crate::tool::HostTools;
+
+/// Exit status when pkg fails before the workload starts (docker's).
+pub const FAILED_TO_START: u8 = 125;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Set an environment variable; NAME alone copies yours (repeatable)
+    #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<String>,
+    /// Read environment variables from a file of NAME=VALUE lines (repeatable)
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_files: Vec<PathBuf>,
+    /// Bind-mount a host path: HOST:CONTAINER[:ro] (repeatable)
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CTR[:ro]")]
+    pub volumes: Vec<String>,
+    /// Working directory inside the container [default: the image's, else /]
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Run this program instead of the image's entrypoint (drops its cmd too)
+    #[arg(long, value_name = "PROGRAM")]
+    pub entrypoint: Option<String>,
+    /// Run as USER[:GROUP], names or numbers [default: the image's user]
+    #[arg(short = 'u', long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// Network: the host's, or none (only loopback)
+    #[arg(long = "net", visible_alias = "network", value_enum, default_value_t = Net::Host)]
+    pub net: Net,
+    /// Hostname inside [default: the first 12 digits of the image's digest]
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Which platform of the image to run [default: this machine's]; another
+    /// architecture runs through qemu-user
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<Platform>,
+    /// Keep standard input attached
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Pass the terminal through (sets TERM)
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// A recipe (.kdl file or directory with pkg.kdl: build, then run its
+    /// image), an image name in the store, oci:DIR[:REF] or oci-archive:FILE[:REF]
+    #[arg(value_name = "TARGET")]
+    pub target: String,
+    /// Arguments for the image's entrypoint (replacing its cmd)
+    #[arg(value_name = "ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Net {
+    Host,
+    None,
+}
+
+/// What TARGET names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Recipe(PathBuf),
+    Stored(String),
+    Layout { dir: PathBuf, reference: Option<String> },
+    Archive { file: PathBuf, reference: Option<String> },
+}
+
+impl Target {
+    /// `oci:` and `oci-archive:` prefixes, then an existing path or one that
+    /// looks like a path (a recipe), then an image name.
+    fn parse(text: &str, cwd: &Path) -> Target {
+        let split = |rest: &str| -> (PathBuf, Option<String>) {
+            let whole = cwd.join(rest);
+            match rest.rsplit_once(':') {
+                Some((path, reference)) if !whole.exists() && !reference.contains('/') => {
+                    (cwd.join(path), Some(reference.to_string()))
+                }
+                _ => (whole, None),
+            }
+        };
+        if let Some(rest) = text.strip_prefix("oci:") {
+            let (dir, reference) = split(rest);
+            Target::Layout { dir, reference }
+        } else if let Some(rest) = text.strip_prefix("oci-archive:") {
+            let (file, reference) = split(rest);
+            Target::Archive { file, reference }
+        } else if cwd.join(text).exists()
+            || text.ends_with(".kdl")
+            || text.starts_with('.')
+            || text.starts_with('/')
+        {
+            Target::Recipe(cwd.join(text))
+        } else {
+            Target::Stored(text.to_string())
+        }
+    }
+}
+
+/// Runs `pkg run`; every failure before the workload starts exits 125.
+pub fn run(args: RunArgs, settings: &Settings) -> ExitCode {
+    match start(args, settings) {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("{:?}", failure.report);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// A failure before the workload ran, with its exit status.
+struct Failure {
+    report: miette::Report,
+    code: u8,
+}
+
+impl From<miette::Report> for Failure {
+    fn from(report: miette::Report) -> Self {
+        Failure { report, code: FAILED_TO_START }
+    }
+}
+
+impl From<RunError> for Failure {
+    fn from(error: RunError) -> Self {
+        let code = u8::try_from(error.exit_code()).unwrap_or(FAILED_TO_START);
+        Failure { report: miette::Report::from_err(error), code }
+    }
+}
+
+fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
+    let host = host_facts(settings);
+    let options = options(&args, settings)?;
+    let (store, image) = match Target::parse(&args.target, &settings.cwd) {
+        Target::Recipe(path) => from_recipe(path, args.platform, &host, settings)?,
+        Target::Stored(name) => {
+            let store = open_store(settings)?;
+            let image = from_store(&store, &name, args.platform, &host)?;
+            (store, image)
+        }
+        Target::Layout { dir, reference } => {
+            let store = open_store(settings)?;
+            let source = crate::image::import::OciSource::Layout(dir);
+            let image = foreign(&store, &source, reference.as_deref(), &args, &host, settings)?;
+            (store, image)
+        }
+        Target::Archive { file, reference } => {
+            let store = open_store(settings)?;
+            let source = crate::image::import::OciSource::Archive(file);
+            let image = foreign(&store, &source, reference.as_deref(), &args, &host, settings)?;
+            (store, image)
+        }
+    };
+    let scratch = tempfile::Builder::new()
+        .prefix("pkg-run.")
+        .tempdir()
+        .map_err(|e| miette::miette!("cannot create a scratch directory: {e}"))?;
+    let spec = crate::run::prepare(&store, &image, &options, &host, scratch.path())?;
+    let status = Sandbox::new().spawn(&spec).and_then(|running| running.wait_forwarding());
+    drop(scratch);
+    match status {
+        Ok(status) => Ok(ExitCode::from(status.code().clamp(0, 255) as u8)),
+        Err(error) => {
+            let code = u8::try_from(error.exit_code()).unwrap_or(FAILED_TO_START);
+            Err(Failure { report: miette::Report::from_err(error), code })
+        }
+    }
+}
+
+fn open_store(settings: &Settings) -> Result<Store, Failure> {
+    Ok(Store::open(&settings.store).map_err(miette::Report::from_err)?)
+}
+
+/// Builds the recipe, then runs its image (it must have exactly one).
+fn from_recipe(
+    recipe: PathBuf,
+    platform: Option<Platform>,
+    host: &RunHost,
+    settings: &Settings,
+) -> Result<(Store, RunImage), Failure> {
+    if !recipe.exists() {
+        return Err(miette::miette!(
+            help = "TARGET is a recipe path, an image name in the store, oci:DIR or oci-archive:FILE",
+            "no such recipe: {}",
+            recipe.display()
+        )
+        .into());
+    }
+    // Build only the platform that will run, so `pkg run` stays quick.
+    let platforms = platform.into_iter().collect();
+    let target = super::TargetArgs { recipe: recipe.clone(), images: Vec::new(), platforms };
+    let quiet = Settings { quiet: true, ..settings.clone() };
+    let (store, images) = super::build::build_images(&target, &quiet)?;
+    let image = match images.as_slice() {
+        [only] => only,
+        [] => {
+            return Err(miette::miette!("{} defines no image to run", recipe.display()).into());
+        }
+        several => {
+            let names: Vec<&str> = several.iter().map(|i| i.name.as_str()).collect();
+            return Err(miette::miette!(
+                help = format!("they are built and in the store now: `pkg run {}`", names[0]),
+                "{} defines several images ({}): run one by name",
+                recipe.display(),
+                names.join(", ")
+            )
+            .into());
+        }
+    };
+    let image = RunImage::from_assembled(&store, image, platform, host.platform)?;
+    Ok((store, image))
+}
+
+fn from_store(
+    store: &Store,
+    name: &str,
+    platform: Option<Platform>,
+    host: &RunHost,
+) -> Result<RunImage, Failure> {
+    let unknown = || -> Failure {
+        let names: Vec<String> = store.images().unwrap_or_default().iter().map(|n| n.to_string()).collect();
+        let help = if names.is_empty() {
+            "the store has no images: build one with `pkg build RECIPE`".to_string()
+        } else {
+            format!("the store has: {}", names.join(", "))
+        };
+        miette::miette!(help = help, "no image named `{name}` in the store, and no such file").into()
+    };
+    let Ok(ref_name) = RefName::new(name) else { return Err(unknown()) };
+    let Some(image) = crate::image::load(store, &ref_name).map_err(miette::Report::from_err)? else {
+        return Err(unknown());
+    };
+    Ok(RunImage::from_assembled(store, &image, platform, host.platform)?)
+}
+
+fn foreign(
+    store: &Store,
+    source: &crate::image::import::OciSource,
+    reference: Option<&str>,
+    args: &RunArgs,
+    host: &RunHost,
+    settings: &Settings,
+) -> Result<RunImage, Failure> {
+    let platform = args.platform.unwrap_or(host.platform);
+    let request = crate::image::import::ImportRequest { source, reference, platform };
+    let imported = crate::image::import::import(store, &request).map_err(miette::Report::from_err)?;
+    if !settings.quiet {
+        for warning in &imported.warnings {
+            eprintln!("warning: {warning}");
+        }
+    }
+    let config_path = store.oci_blob_path(&imported.config.digest);
+    let bytes = std::fs::read(&config_path).map_err(|e| {
+        miette::miette!("cannot read the image configuration {}: {e}", config_path.display())
+    })?;
+    let name = args.target.clone();
+    let config = crate::run::RuntimeConfig::from_json(&bytes)
+        .map_err(|reason| RunError::BadConfig { image: name.clone(), reason })?;
+    Ok(RunImage {
+        name,
+        id: imported.manifest,
+        platform: imported.platform,
+        config,
+        layers: imported.layers,
+    })
+}
+
+/// What this machine offers the sandbox.
+fn host_facts(settings: &Settings) -> RunHost {
+    let tools = HostTools::new(settings.path.clone());
+    let user = nix::unistd::User::from_uid(settings.uid.into())
+        .ok()
+        .flatten()
+        .map_or_else(|| settings.uid.to_string(), |u| u.name);
+    let range = |file: &str, id: u32| {
+        std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| crate::sandbox::subordinate_range(&text, &user, id))
+    };
+    let subordinate = match (
+        range("/etc/subuid", settings.uid),
+        range("/etc/subgid", settings.gid),
+        tools.which("newuidmap"),
+        tools.which("newgidmap"),
+    ) {
+        (Some(uids), Some(gids), Some(newuidmap), Some(newgidmap)) => {
+            Some(Subordinate { uids, gids, newuidmap, newgidmap })
+        }
+        _ => None,
+    };
+    let existing = |path: &str| Some(PathBuf::from(path)).filter(|p| p.exists());
+    RunHost {
+        uid: settings.uid,
+        gid: settings.gid,
+        subordinate,
+        platform: Platform::host(),
+        tools,
+        resolv_conf: existing("/etc/resolv.conf"),
+        hosts: existing("/etc/hosts"),
+        term: std::env::var("TERM").ok(),
+    }
+}
+
+/// The docker-style options, with env files read and volumes resolved.
+fn options(args: &RunArgs, settings: &Settings) -> Result<RunOptions, Failure> {
+    let caller = |name: &str| std::env::var(name).ok();
+    let mut env = Vec::new();
+    for file in &args.env_files {
+        let path = settings.cwd.join(file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| miette::miette!("cannot read the env file {}: {e}", path.display()))?;
+        let items = crate::run::env::parse_file(&file.display().to_string(), &text, &caller)
+            .map_err(miette::Report::from_err)?;
+        env.extend(items);
+    }
+    for item in &args.env {
+        env.extend(crate::run::env::parse_item(item, &caller).map_err(miette::Report::from_err)?);
+    }
+    let volumes = args
+        .volumes
+        .iter()
+        .map(|spec| volume(spec, &settings.cwd))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RunOptions {
+        args: args.args.clone(),
+        entrypoint: args.entrypoint.clone(),
+        env,
+        volumes,
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+        network: match args.net {
+            Net::Host => NetworkMode::Host,
+            Net::None => NetworkMode::None,
+        },
+        hostname: args.hostname.clone(),
+        interactive: args.interactive,
+        tty: args.tty,
+    })
+}
+
+/// `HOST:CTR[:ro|rw]`; HOST is absolute or relative to the working directory
+/// (starting with `.`) and must exist; CTR is absolute.
+fn volume(spec: &str, cwd: &Path) -> Result<Volume, Failure> {
+    let bad = |reason: &str| -> Failure {
+        miette::miette!(help = "use -v HOST:CONTAINER[:ro]", "invalid volume `{spec}`: {reason}")
+            .into()
+    };
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (host, container, read_only) = match parts.as_slice() {
+        [host, container] => (*host, *container, false),
+        [host, container, "ro"] => (*host, *container, true),
+        [host, container, "rw"] => (*host, *container, false),
+        [_, _, other] => return Err(bad(&format!("unknown option `{other}` (ro or rw)"))),
+        _ => return Err(bad("expected HOST:CONTAINER")),
+    };
+    if !host.starts_with('/') && !host.starts_with('.') {
+        return Err(bad("named volumes are not supported: give an absolute host path"));
+    }
+    if !container.starts_with('/') {
+        return Err(bad("the container path must be absolute"));
+    }
+    let host = cwd.join(host);
+    if !host.exists() {
+        return Err(bad(&format!("{} does not exist", host.display())));
+    }
+    Ok(Volume { host, container: PathBuf::from(container), read_only })
+}
+
+/// Whether the raw command line invokes `pkg run` (so a usage error exits 125).
+pub fn invoked(args: &[OsString]) -> bool {
+    let mut words = args.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(word) = words.next() {
+        match word.as_ref() {
+            // Global options that take a separate value.
+            "--store" | "--color" => {
+                words.next();
+            }
+            w if w.starts_with('-') => {}
+            w => return w == "run",
+        }
+    }
+    false
+}

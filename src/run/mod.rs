@@ -1,0 +1,454 @@
+//! `pkg run`'s library half: from an image and docker-style options to the
+//! [`SandboxSpec`] that runs it.
+//!
+//! [`RunImage`] is what every kind of target comes down to: the image's OCI
+//! runtime configuration and its layer trees (base first). [`prepare`] then
+//!
+//! 1. checks the layers out once each, shared between runs and images
+//!    ([`Store::shared_checkout`]), as the read-only lower layers of an
+//!    overlay root whose tmpfs upper layer vanishes with the sandbox;
+//! 2. resolves the user (`--user`, else the image's) in the image's own
+//!    `/etc/passwd` and `/etc/group` ([`user`]), and maps the caller to it:
+//!    through a full subordinate range when [`RunHost::subordinate`] has one
+//!    (the caller is root inside and the workload switches to the user), else
+//!    the caller's single uid and gid become the user's;
+//! 3. computes argv, environment and working directory the way `docker run`
+//!    does (see [`RunOptions`]);
+//! 4. adds volumes, `/etc/hosts` (and the host's `/etc/resolv.conf` when the
+//!    network is shared) and, for an image of another architecture, the host's
+//!    qemu-user emulator, which then runs the program named by argv.
+//!
+//! Nothing here reads the clock or the caller's environment: [`RunHost`]
+//! carries what the caller knows about the machine.
+
+pub mod env;
+pub mod user;
+pub mod view;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest;
+use crate::image::{AssembledImage, ImageError};
+use crate::platform::{Arch, Platform};
+use crate::sandbox::{
+    ExecFailure, IdMapping, Mount, Network, RootFs, SandboxSpec, Stdio, StdioSource,
+};
+use crate::store::{Store, StoreError};
+use crate::tool::HostTools;
+use view::{Found, RootView};
+
+/// The `PATH` a workload gets when its image sets none (docker's).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Where the emulator of a foreign-architecture image is mounted.
+pub const EMULATOR_PATH: &str = "/.pkg-emulator";
+
+/// Everything that stops an image from starting. All of them exit 125 except
+/// [`RunError::Exec`] (127 not found, 126 cannot execute).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("image `{image}` has an unreadable configuration: {reason}")]
+    BadConfig { image: String, reason: String },
+    #[error("image `{image}` has no {wanted} variant (it has: {})", available.join(", "))]
+    NoPlatform { image: String, wanted: String, available: Vec<String> },
+    #[error("image `{image}` has no linux/{host} variant (it has: {}); pick one with --platform", available.join(", "))]
+    NoHostPlatform { image: String, host: String, available: Vec<String> },
+    #[error("image `{image}` has no command: it sets no entrypoint or cmd, and none was given")]
+    NoCommand { image: String },
+    #[error("image `{image}`: {source}")]
+    User {
+        image: String,
+        #[source]
+        source: user::UserError,
+    },
+    #[error("the working directory must be an absolute path, not `{0}`")]
+    RelativeWorkdir(String),
+    #[error(
+        "image `{image}` is {platform} but this machine is {host}, and neither {emulator}-static nor {emulator} (qemu-user) is installed"
+    )]
+    NoEmulator { image: String, platform: String, host: String, emulator: String },
+    #[error("`{program}` {failure} in image `{image}`")]
+    Exec { image: String, program: String, failure: ExecFailure },
+    #[error("cannot write {}", path.display())]
+    Scratch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RunError {
+    /// The docker/podman exit code for this failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Exec { failure: ExecFailure::NotFound, .. } => 127,
+            RunError::Exec { failure: ExecFailure::CannotExecute, .. } => 126,
+            _ => 125,
+        }
+    }
+}
+
+pub type Result<T, E = RunError> = std::result::Result<T, E>;
+
+/// The parts of an OCI image configuration that decide how it runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// `NAME=VALUE` items, in order.
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+impl RuntimeConfig {
+    /// Reads the runtime configuration from an OCI image config document.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let doc = oci_spec::image::ImageConfiguration::from_reader(bytes)
+            .map_err(|e| e.to_string())?;
+        let Some(config) = doc.config() else { return Ok(RuntimeConfig::default()) };
+        let env = config
+            .env()
+            .iter()
+            .flatten()
+            .map(|item| match item.split_once('=') {
+                Some((n, v)) => (n.to_string(), v.to_string()),
+                None => (item.clone(), String::new()),
+            })
+            .collect();
+        Ok(RuntimeConfig {
+            entrypoint: config.entrypoint().clone().unwrap_or_default(),
+            cmd: config.cmd().clone().unwrap_or_default(),
+            env,
+            workdir: config.working_dir().clone().filter(|w| !w.is_empty()),
+            user: config.user().clone().filter(|u| !u.is_empty()),
+        })
+    }
+}
+
+/// An image ready to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunImage {
+    /// How the user named it (for messages).
+    pub name: String,
+    /// sha256 (hex) of its manifest for the chosen platform.
+    pub id: String,
+    pub platform: Platform,
+    pub config: RuntimeConfig,
+    /// Layer trees, base first; stacked with overlayfs semantics.
+    pub layers: Vec<Digest>,
+}
+
+impl RunImage {
+    /// The platform variant of an image assembled by pkg: `wanted`, else the
+    /// host's, else its only one.
+    pub fn from_assembled(
+        store: &Store,
+        image: &AssembledImage,
+        wanted: Option<Platform>,
+        host: Platform,
+    ) -> Result<Self> {
+        let available: Vec<String> = image.platforms.iter().map(|p| p.platform.clone()).collect();
+        let chosen = match wanted {
+            Some(wanted) => image
+                .platforms
+                .iter()
+                .find(|p| p.platform == wanted.to_string())
+                .ok_or_else(|| RunError::NoPlatform {
+                    image: image.name.clone(),
+                    wanted: wanted.to_string(),
+                    available: available.clone(),
+                })?,
+            None => match image.platforms.iter().find(|p| p.platform == host.to_string()) {
+                Some(p) => p,
+                None if image.platforms.len() == 1 => &image.platforms[0],
+                None => {
+                    return Err(RunError::NoHostPlatform {
+                        image: image.name.clone(),
+                        host: host.arch().oci_name().to_string(),
+                        available,
+                    });
+                }
+            },
+        };
+        let bad = |reason: String| RunError::BadConfig { image: image.name.clone(), reason };
+        let platform = chosen.platform.parse::<Platform>().map_err(|e| bad(e.to_string()))?;
+        let path = store.oci_blob_path(&chosen.config.digest);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| StoreError::Io { action: "read", path: path.clone(), source: e })?;
+        Ok(RunImage {
+            name: image.name.clone(),
+            id: chosen.manifest.digest.clone(),
+            platform,
+            config: RuntimeConfig::from_json(&bytes).map_err(bad)?,
+            layers: chosen.layers.iter().map(|l| l.tree).collect(),
+        })
+    }
+}
+
+/// The network a run gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// The host's network (and its `/etc/resolv.conf` and `/etc/hosts`).
+    #[default]
+    Host,
+    /// A network namespace holding only `lo`.
+    None,
+}
+
+/// A `-v HOST:CTR[:ro]` volume; `host` is absolute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub host: PathBuf,
+    pub container: PathBuf,
+    pub read_only: bool,
+}
+
+/// `docker run`'s options, already parsed.
+///
+/// argv: `--entrypoint` replaces the image's entrypoint *and* drops its cmd
+/// (an empty one leaves just `args`); otherwise the image's entrypoint is
+/// followed by `args`, or by the image's cmd when there are none. The
+/// environment is the image's, then `PATH` (if unset), `HOSTNAME`, `HOME` (if
+/// unset) and `TERM` (with `tty`, if unset), then `env` in order.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub args: Vec<String>,
+    pub entrypoint: Option<String>,
+    pub env: Vec<(String, String)>,
+    pub volumes: Vec<Volume>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub network: NetworkMode,
+    pub hostname: Option<String>,
+    /// Keep standard input attached (`-i`); without it the workload reads `/dev/null`.
+    pub interactive: bool,
+    /// The caller's terminal is passed through (`-t`); sets `TERM`.
+    pub tty: bool,
+}
+
+/// Subordinate id ranges the caller may map, with the helpers that map them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subordinate {
+    pub uids: (u32, u32),
+    pub gids: (u32, u32),
+    pub newuidmap: PathBuf,
+    pub newgidmap: PathBuf,
+}
+
+/// What the caller knows about this machine.
+#[derive(Debug)]
+pub struct RunHost {
+    pub uid: u32,
+    pub gid: u32,
+    pub subordinate: Option<Subordinate>,
+    pub platform: Platform,
+    /// Finds qemu-user emulators.
+    pub tools: HostTools,
+    /// The host's `/etc/resolv.conf` and `/etc/hosts`, where they exist.
+    pub resolv_conf: Option<PathBuf>,
+    pub hosts: Option<PathBuf>,
+    /// The caller's `TERM`, for `-t`.
+    pub term: Option<String>,
+}
+
+/// The sandbox that runs `image` with `options`. `scratch` is a private
+/// directory that must outlive the run (it holds the generated `/etc/hosts`).
+pub fn prepare(
+    store: &Store,
+    image: &RunImage,
+    options: &RunOptions,
+    host: &RunHost,
+    scratch: &Path,
+) -> Result<SandboxSpec> {
+    let view = RootView::new(store, &image.layers);
+    let user_spec = options.user.as_deref().or(image.config.user.as_deref()).unwrap_or("");
+    let user = resolve_user(&view, image, user_spec)?;
+    let hostname = options.hostname.clone().unwrap_or_else(|| image.id.chars().take(12).collect());
+    let workdir = options.workdir.as_deref().or(image.config.workdir.as_deref()).unwrap_or("/");
+    if !workdir.starts_with('/') {
+        return Err(RunError::RelativeWorkdir(workdir.to_string()));
+    }
+
+    let mut env_vars = image.config.env.clone();
+    if !env_vars.iter().any(|(n, _)| n == "PATH") {
+        env_vars.push(("PATH".into(), DEFAULT_PATH.into()));
+    }
+    env::set(&mut env_vars, "HOSTNAME", hostname.clone());
+    if !env_vars.iter().any(|(n, _)| n == "HOME") {
+        env_vars.push(("HOME".into(), user.home.clone()));
+    }
+    if options.tty && !env_vars.iter().any(|(n, _)| n == "TERM") {
+        env_vars.push(("TERM".into(), host.term.clone().unwrap_or_else(|| "xterm".into())));
+    }
+    for (name, value) in &options.env {
+        env::set(&mut env_vars, name, value.clone());
+    }
+
+    let mut argv: Vec<String> = match &options.entrypoint {
+        Some(entrypoint) if entrypoint.is_empty() => options.args.clone(),
+        Some(entrypoint) => std::iter::once(entrypoint.clone()).chain(options.args.clone()).collect(),
+        None if options.args.is_empty() => {
+            image.config.entrypoint.iter().chain(&image.config.cmd).cloned().collect()
+        }
+        None => image.config.entrypoint.iter().chain(&options.args).cloned().collect(),
+    };
+    if argv.is_empty() {
+        return Err(RunError::NoCommand { image: image.name.clone() });
+    }
+
+    let mut mounts = Vec::new();
+    if let Some(emulator) = emulator_for(image, host)? {
+        let path = env_vars.iter().find(|(n, _)| n == "PATH").map(|(_, v)| v.as_str());
+        let program = find_program(&view, image, &argv[0], path, workdir)?;
+        mounts.push(Mount::bind_ro(emulator, EMULATOR_PATH));
+        let argv0 = std::mem::replace(&mut argv[0], program);
+        argv.splice(0..0, [EMULATOR_PATH.to_string(), "-0".into(), argv0]);
+    }
+    for volume in &options.volumes {
+        mounts.push(if volume.read_only {
+            Mount::bind_ro(&volume.host, &volume.container)
+        } else {
+            Mount::bind_rw(&volume.host, &volume.container)
+        });
+    }
+    let network = match options.network {
+        NetworkMode::Host => {
+            for (file, target) in [(&host.resolv_conf, "/etc/resolv.conf"), (&host.hosts, "/etc/hosts")] {
+                if let Some(file) = file {
+                    mounts.push(Mount::bind_ro(file, target));
+                }
+            }
+            Network::Host
+        }
+        NetworkMode::None => {
+            let hosts = scratch.join("hosts");
+            let text = format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+            );
+            std::fs::write(&hosts, text)
+                .map_err(|source| RunError::Scratch { path: hosts.clone(), source })?;
+            mounts.push(Mount::bind_ro(hosts, "/etc/hosts"));
+            Network::None
+        }
+    };
+
+    let layers = image
+        .layers
+        .iter()
+        .map(|tree| store.shared_checkout(tree))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (id_mapping, switch_to) = id_mapping(host, &user);
+    let mut spec = SandboxSpec::new(id_mapping, argv.into_iter().map(OsString::from).collect());
+    spec.user = switch_to;
+    spec.root = RootFs::Overlay { layers };
+    spec.network = network;
+    spec.mounts = mounts;
+    spec.hostname = Some(hostname);
+    spec.env = env_vars;
+    spec.cwd = PathBuf::from(workdir);
+    spec.stdio = Stdio {
+        stdin: if options.interactive { StdioSource::Inherit } else { StdioSource::Null },
+        stdout: StdioSource::Inherit,
+        stderr: StdioSource::Inherit,
+    };
+    spec.new_session = false;
+    Ok(spec)
+}
+
+fn resolve_user(view: &RootView<'_>, image: &RunImage, spec: &str) -> Result<user::User> {
+    let read = |path: &str| -> Result<String> {
+        Ok(view.read_file(path)?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
+    };
+    let (passwd, group) = (read("/etc/passwd")?, read("/etc/group")?);
+    user::resolve(spec, &passwd, &group)
+        .map_err(|source| RunError::User { image: image.name.clone(), source })
+}
+
+/// The caller's mapping and the user the workload switches to, if any.
+fn id_mapping(host: &RunHost, user: &user::User) -> (IdMapping, Option<(u32, u32)>) {
+    match &host.subordinate {
+        // Ids 1..=count exist inside; the user must be one of them (or root).
+        Some(sub) if user.uid <= sub.uids.1 && user.gid <= sub.gids.1 => (
+            IdMapping::subordinate(
+                host.uid,
+                host.gid,
+                sub.uids,
+                sub.gids,
+                sub.newuidmap.clone(),
+                sub.newgidmap.clone(),
+            ),
+            (user.uid != 0 || user.gid != 0).then_some((user.uid, user.gid)),
+        ),
+        _ => (IdMapping::single(user.uid, user.gid, host.uid, host.gid), None),
+    }
+}
+
+/// The host emulator an image of another architecture needs, if it needs one.
+fn emulator_for(image: &RunImage, host: &RunHost) -> Result<Option<PathBuf>> {
+    let (arch, host_arch) = (image.platform.arch(), host.platform.arch());
+    if arch == host_arch || (arch == Arch::I386 && host_arch == Arch::Amd64) {
+        return Ok(None);
+    }
+    let emulator = format!("qemu-{}", qemu_name(arch));
+    [format!("{emulator}-static"), emulator.clone()]
+        .iter()
+        .find_map(|name| host.tools.which(name))
+        .map(Some)
+        .ok_or_else(|| RunError::NoEmulator {
+            image: image.name.clone(),
+            platform: image.platform.to_string(),
+            host: host.platform.to_string(),
+            emulator,
+        })
+}
+
+/// qemu-user's name for an architecture.
+fn qemu_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::I386 => "i386",
+        Arch::Ppc64le => "ppc64le",
+        other => other.gnu_name(),
+    }
+}
+
+/// The absolute path of `program` in the image, found as `execvp` would
+/// (which the emulator cannot do for its guest).
+fn find_program(
+    view: &RootView<'_>,
+    image: &RunImage,
+    program: &str,
+    path: Option<&str>,
+    workdir: &str,
+) -> Result<String> {
+    let candidates: Vec<String> = if program.contains('/') {
+        let absolute = if program.starts_with('/') {
+            program.to_string()
+        } else {
+            format!("{}/{program}", workdir.trim_end_matches('/'))
+        };
+        vec![absolute]
+    } else {
+        path.unwrap_or(DEFAULT_PATH)
+            .split(':')
+            .filter(|dir| dir.starts_with('/'))
+            .map(|dir| format!("{}/{program}", dir.trim_end_matches('/')))
+            .collect()
+    };
+    let mut failure = ExecFailure::NotFound;
+    for candidate in candidates {
+        match view.lookup(&candidate)? {
+            Some(Found::File(file)) if file.permissions().bits() & 0o111 != 0 => {
+                return Ok(candidate);
+            }
+            Some(_) => failure = ExecFailure::CannotExecute,
+            None => {}
+        }
+    }
+    Err(RunError::Exec { image: image.name.clone(), program: program.to_string(), failure })
+}
