@@ -30,6 +30,7 @@
 //!   32 layers also pull well in parallel without per-layer overhead dominating.
 
 pub mod gzip;
+pub mod import;
 pub mod layer;
 mod layout;
 pub mod oci;

@@ -179,6 +179,43 @@ impl Store {
             .map_err(|source| StoreError::InvalidEntry { path: path.to_path_buf(), source })
     }
 
+    /// Stores the content of `reader` as a file with `permissions`, chunked like
+    /// any ingested file (so identical content dedups with files ingested from
+    /// disk). Used for content that is not a file on disk, e.g. a tar entry.
+    ///
+    /// The reader is read on the calling thread (it need not be `Send`); chunks
+    /// are compressed and written in parallel. Errors from reading are
+    /// `io::Error`s; store errors travel inside them (`io::Error::other`), as
+    /// for [`Read`]-shaped code elsewhere. Hold a [`Pin`](super::Pin) until a
+    /// ref names a tree holding the file.
+    pub fn ingest_reader(
+        &self,
+        reader: impl Read,
+        permissions: Permissions,
+    ) -> std::io::Result<FileNode> {
+        let mut chunker = Chunker::new(reader);
+        let mut chunks = Vec::new();
+        loop {
+            let block = chunker.next_block()?;
+            if block.cuts.is_empty() {
+                break;
+            }
+            let stored = block
+                .cuts
+                .par_iter()
+                .map(|range| {
+                    let data = &block.data[range.clone()];
+                    let digest = self.put_blob(data)?;
+                    Ok(Chunk { digest, size: data.len() as u32 })
+                })
+                .collect::<Result<Vec<_>>>()
+                .map_err(std::io::Error::other)?;
+            chunks.extend(stored);
+        }
+        let size = chunks.iter().map(|c| u64::from(c.size)).sum();
+        FileNode::new(chunks, size, permissions).map_err(std::io::Error::other)
+    }
+
     /// Chunks, stores and lists the content of `reader`. Errors from reading are
     /// `io::Error`s; store errors travel inside them (`io::Error::other`).
     fn store_content(&self, reader: impl Read + Send) -> std::io::Result<(Vec<Chunk>, u64)> {

@@ -232,6 +232,11 @@ impl Store {
                 out.push((format!("ref refs/images/{name}"), tree));
             }
         }
+        for manifest in self.imports()? {
+            for tree in self.import_record(&manifest)?.map(|r| r.trees).unwrap_or_default() {
+                out.push((format!("ref refs/imports/{manifest}"), tree));
+            }
+        }
         Ok(out)
     }
 

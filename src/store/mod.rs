@@ -9,6 +9,7 @@
 //! ROOT/refs/builds/HEX           build key -> tree digest
 //! ROOT/refs/images/NAME          image name -> image record (JSON)
 //! ROOT/refs/roots/NAME           gc root name -> tree digest
+//! ROOT/refs/imports/HEX          sha256 of an imported image's manifest -> import record (JSON)
 //! ROOT/checkouts/files/XX/HEX-P  decompressed, read-only files, hard-linked into checkouts
 //! ```
 //!
@@ -41,9 +42,10 @@ use std::path::{Path, PathBuf};
 
 pub use checkout::remove_checkout;
 pub use ingest::Exclude;
+pub(crate) use layers::is_sha256_hex;
 pub use layers::{CachedLayer, OciBlob, OciBlobWriter, hex};
 pub use maintenance::{GcReport, Problem, Stats, VerifyReport};
-pub use refs::{ImageRecord, RefName};
+pub use refs::{ImageRecord, ImportRecord, RefName};
 pub use tree::{Chunk, DirNode, FileNode, Node, PathComponent, Permissions, SymlinkTarget, Tree};
 
 use crate::digest::Digest;
@@ -160,7 +162,7 @@ impl Store {
         }
         // Creating directories is idempotent, so racing creators agree; VERSION is
         // written last and atomically, so its presence means the layout is complete.
-        for dir in ["tmp", "refs/builds", "refs/images", "refs/roots"] {
+        for dir in ["tmp", "refs/builds", "refs/images", "refs/roots", "refs/imports"] {
             let path = root.join(dir);
             std::fs::create_dir_all(&path).ctx("create directory", &path)?;
         }

@@ -2,11 +2,15 @@
 //!
 //! - build key ([`Digest`]) → tree digest, in `refs/builds/HEX`;
 //! - image name ([`RefName`]) → [`ImageRecord`], in `refs/images/NAME`;
-//! - gc root name ([`RefName`]) → tree digest, in `refs/roots/NAME`.
+//! - gc root name ([`RefName`]) → tree digest, in `refs/roots/NAME`;
+//! - imported image manifest (sha256 hex) → [`ImportRecord`], in
+//!   `refs/imports/HEX` (see `image::import`).
 //!
 //! Each ref is one small file replaced atomically. Setting a ref holds a
 //! [`Pin`](super::Pin) and checks that the trees it names exist, so a ref never
-//! points at something a concurrent `gc` is deleting. `gc` marks from all three.
+//! points at something a concurrent `gc` is deleting. `gc` marks from all four.
+//! A store created before a ref kind existed lacks its directory: listing treats
+//! a missing directory as empty, and setting a ref creates it.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -64,6 +68,15 @@ impl fmt::Display for RefName {
 /// opaque metadata owned by the image module (manifest, config, layer digests).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRecord {
+    pub trees: BTreeSet<Digest>,
+    pub metadata: serde_json::Value,
+}
+
+/// What the store keeps for an image imported from an OCI layout or archive,
+/// keyed by the sha256 of its manifest: the trees `gc` must keep alive and
+/// opaque metadata owned by the import module (layer stack, config, platform).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportRecord {
     pub trees: BTreeSet<Digest>,
     pub metadata: serde_json::Value,
 }
@@ -197,6 +210,72 @@ impl Store {
         Ok(names)
     }
 
+    /// Records (or replaces) the import of the image whose manifest has sha256 `manifest`.
+    pub fn set_import(&self, manifest: &str, record: &ImportRecord) -> Result<()> {
+        let path = self.import_path(manifest)?;
+        let _pin = self.pin()?;
+        for tree in &record.trees {
+            self.require_tree(tree)?;
+        }
+        let dir = self.refs_dir("imports");
+        std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        let file = ImageRecordFile {
+            version: 1,
+            trees: record.trees.iter().map(Digest::to_string).collect(),
+            metadata: record.metadata.clone(),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&file).expect("JSON values serialize");
+        bytes.push(b'\n');
+        self.write_atomic(&path, &bytes, 0o644)
+    }
+
+    /// The import recorded for the manifest with sha256 `manifest`, if any.
+    pub fn import_record(&self, manifest: &str) -> Result<Option<ImportRecord>> {
+        let path = self.import_path(manifest)?;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).ctx("read", &path),
+        };
+        let corrupt = |reason: String| StoreError::CorruptRef { path: path.clone(), reason };
+        let file: ImageRecordFile =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if file.version != 1 {
+            return Err(corrupt(format!("unsupported import record version {}", file.version)));
+        }
+        let trees = file
+            .trees
+            .iter()
+            .map(|t| t.parse::<Digest>().map_err(|e| corrupt(format!("{t:?}: {e}"))))
+            .collect::<Result<_>>()?;
+        Ok(Some(ImportRecord { trees, metadata: file.metadata }))
+    }
+
+    /// Removes the import of manifest `manifest`; returns whether it existed.
+    pub fn remove_import(&self, manifest: &str) -> Result<bool> {
+        self.remove_ref(self.import_path(manifest)?)
+    }
+
+    /// The sha256 (hex) of every imported manifest, sorted.
+    pub fn imports(&self) -> Result<Vec<String>> {
+        Ok(self
+            .list_refs("imports")?
+            .into_iter()
+            .map(|(file, _)| file)
+            .filter(|file| super::layers::is_sha256_hex(file))
+            .collect())
+    }
+
+    fn import_path(&self, manifest: &str) -> Result<PathBuf> {
+        if !super::layers::is_sha256_hex(manifest) {
+            return Err(StoreError::InvalidRefName {
+                name: manifest.to_string(),
+                reason: "an import is named by 64 lowercase hex digits (a sha256)",
+            });
+        }
+        Ok(self.refs_dir("imports").join(manifest))
+    }
+
     /// Every tree digest any ref names: the roots of `gc`'s mark phase.
     pub fn referenced_trees(&self) -> Result<BTreeSet<Digest>> {
         let mut out: BTreeSet<Digest> = self.builds()?.into_iter().map(|(_, t)| t).collect();
@@ -206,13 +285,23 @@ impl Store {
                 out.extend(record.trees);
             }
         }
+        for manifest in self.imports()? {
+            if let Some(record) = self.import_record(&manifest)? {
+                out.extend(record.trees);
+            }
+        }
         Ok(out)
     }
 
     fn list_refs(&self, kind: &str) -> Result<Vec<(String, PathBuf)>> {
         let dir = self.refs_dir(kind);
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&dir).ctx("list", &dir)? {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).ctx("list", &dir),
+        };
+        for entry in entries {
             let entry = entry.ctx("list", &dir)?;
             if let Some(name) = entry.file_name().to_str() {
                 out.push((name.to_string(), entry.path()));
