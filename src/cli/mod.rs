@@ -42,8 +42,12 @@ pub struct GlobalArgs {
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
     /// Print more about what pkg is doing (repeat for more)
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// `-v` is `--verbose` before the command only: after it, `pkg run -v`
+    /// is a volume, as in `docker run`.
+    #[arg(short = 'v', action = clap::ArgAction::Count, hide = true)]
+    pub verbose_short: u8,
     /// When to use colour in messages
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
     pub color: ColorChoice,
@@ -154,7 +158,7 @@ impl Settings {
         Ok(Settings {
             store,
             quiet: global.quiet,
-            verbose: global.verbose,
+            verbose: global.verbose + global.verbose_short,
             color,
             cwd,
             path: std::env::var_os("PATH"),
