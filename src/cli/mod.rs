@@ -204,8 +204,7 @@ fn main_on_this_thread() -> ExitCode {
         }
     };
     let color = cli.global.color;
-    let failed =
-        if matches!(cli.command, Command::Run(_)) { run::FAILED_TO_START } else { 1 };
+    let failed = if matches!(cli.command, Command::Run(_)) { run::FAILED_TO_START } else { 1 };
     let result = Settings::resolve(&cli.global).and_then(|settings| {
         install_report_handler(settings.color);
         dispatch(cli.command, &settings)

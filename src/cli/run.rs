@@ -146,7 +146,7 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
     let host = host_facts(settings);
     let options = options(&args, settings)?;
     let (store, image) = match Target::parse(&args.target, &settings.cwd) {
-        Target::Recipe(path) => from_recipe(path, args.platform, &host, settings)?,
+        Target::Recipe(path) => from_recipe(path, &args.target, args.platform, &host, settings)?,
         Target::Stored(name) => {
             let store = open_store(settings)?;
             let image = from_store(&store, &name, args.platform, &host)?;
@@ -170,7 +170,7 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
         .tempdir()
         .map_err(|e| miette::miette!("cannot create a scratch directory: {e}"))?;
     let spec = crate::run::prepare(&store, &image, &options, &host, scratch.path())?;
-    let status = Sandbox::new().spawn(&spec).and_then(|running| running.wait_forwarding());
+    let status = Sandbox::new().run_forwarding(&spec);
     drop(scratch);
     match status {
         Ok(status) => Ok(ExitCode::from(status.code().clamp(0, 255) as u8)),
@@ -188,15 +188,16 @@ fn open_store(settings: &Settings) -> Result<Store, Failure> {
 /// Builds the recipe, then runs its image (it must have exactly one).
 fn from_recipe(
     recipe: PathBuf,
+    spelt: &str,
     platform: Option<Platform>,
     host: &RunHost,
     settings: &Settings,
 ) -> Result<(Store, RunImage), Failure> {
     if !recipe.exists() {
         return Err(miette::miette!(
-            help = "TARGET is a recipe path, an image name in the store, oci:DIR or oci-archive:FILE",
-            "no such recipe: {}",
-            recipe.display()
+            help =
+                "TARGET is a recipe path, an image name in the store, oci:DIR or oci-archive:FILE",
+            "no such recipe: {spelt}"
         )
         .into());
     }
@@ -232,16 +233,19 @@ fn from_store(
     host: &RunHost,
 ) -> Result<RunImage, Failure> {
     let unknown = || -> Failure {
-        let names: Vec<String> = store.images().unwrap_or_default().iter().map(|n| n.to_string()).collect();
+        let names: Vec<String> =
+            store.images().unwrap_or_default().iter().map(|n| n.to_string()).collect();
         let help = if names.is_empty() {
             "the store has no images: build one with `pkg build RECIPE`".to_string()
         } else {
             format!("the store has: {}", names.join(", "))
         };
-        miette::miette!(help = help, "no image named `{name}` in the store, and no such file").into()
+        miette::miette!(help = help, "no image named `{name}` in the store, and no such file")
+            .into()
     };
     let Ok(ref_name) = RefName::new(name) else { return Err(unknown()) };
-    let Some(image) = crate::image::load(store, &ref_name).map_err(miette::Report::from_err)? else {
+    let Some(image) = crate::image::load(store, &ref_name).map_err(miette::Report::from_err)?
+    else {
         return Err(unknown());
     };
     Ok(RunImage::from_assembled(store, &image, platform, host.platform)?)
@@ -257,7 +261,8 @@ fn foreign(
 ) -> Result<RunImage, Failure> {
     let platform = args.platform.unwrap_or(host.platform);
     let request = crate::image::import::ImportRequest { source, reference, platform };
-    let imported = crate::image::import::import(store, &request).map_err(miette::Report::from_err)?;
+    let imported =
+        crate::image::import::import(store, &request).map_err(miette::Report::from_err)?;
     if !settings.quiet {
         for warning in &imported.warnings {
             eprintln!("warning: {warning}");

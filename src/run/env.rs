@@ -69,7 +69,10 @@ mod tests {
     fn items_set_copy_or_skip() {
         assert_eq!(parse_item("A=1=2", &caller), Ok(Some(("A".into(), "1=2".into()))));
         assert_eq!(parse_item("A=", &caller), Ok(Some(("A".into(), String::new()))));
-        assert_eq!(parse_item("HOSTVAR", &caller), Ok(Some(("HOSTVAR".into(), "from host".into()))));
+        assert_eq!(
+            parse_item("HOSTVAR", &caller),
+            Ok(Some(("HOSTVAR".into(), "from host".into())))
+        );
         assert_eq!(parse_item("UNSET", &caller), Ok(None));
         assert_eq!(parse_item("=x", &caller), Err(EnvError::BadName("=x".into())));
         assert_eq!(parse_item("A B=x", &caller), Err(EnvError::BadName("A B=x".into())));
@@ -98,6 +101,9 @@ mod tests {
         let mut env = vec![("A".to_string(), "1".to_string()), ("B".to_string(), "2".to_string())];
         set(&mut env, "A", "3".into());
         set(&mut env, "C", "4".into());
-        assert_eq!(env, [("A".into(), "3".into()), ("B".into(), "2".into()), ("C".into(), "4".into())]);
+        assert_eq!(
+            env,
+            [("A".into(), "3".into()), ("B".into(), "2".into()), ("C".into(), "4".into())]
+        );
     }
 }

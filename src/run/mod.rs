@@ -60,12 +60,8 @@ pub enum RunError {
     NoHostPlatform { image: String, host: String, available: Vec<String> },
     #[error("image `{image}` has no command: it sets no entrypoint or cmd, and none was given")]
     NoCommand { image: String },
-    #[error("image `{image}`: {source}")]
-    User {
-        image: String,
-        #[source]
-        source: user::UserError,
-    },
+    #[error("image `{image}`: {reason}")]
+    User { image: String, reason: user::UserError },
     #[error("the working directory must be an absolute path, not `{0}`")]
     RelativeWorkdir(String),
     #[error(
@@ -109,8 +105,8 @@ pub struct RuntimeConfig {
 impl RuntimeConfig {
     /// Reads the runtime configuration from an OCI image config document.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let doc = oci_spec::image::ImageConfiguration::from_reader(bytes)
-            .map_err(|e| e.to_string())?;
+        let doc =
+            oci_spec::image::ImageConfiguration::from_reader(bytes).map_err(|e| e.to_string())?;
         let Some(config) = doc.config() else { return Ok(RuntimeConfig::default()) };
         let env = config
             .env()
@@ -155,15 +151,15 @@ impl RunImage {
     ) -> Result<Self> {
         let available: Vec<String> = image.platforms.iter().map(|p| p.platform.clone()).collect();
         let chosen = match wanted {
-            Some(wanted) => image
-                .platforms
-                .iter()
-                .find(|p| p.platform == wanted.to_string())
-                .ok_or_else(|| RunError::NoPlatform {
-                    image: image.name.clone(),
-                    wanted: wanted.to_string(),
-                    available: available.clone(),
-                })?,
+            Some(wanted) => {
+                image.platforms.iter().find(|p| p.platform == wanted.to_string()).ok_or_else(
+                    || RunError::NoPlatform {
+                        image: image.name.clone(),
+                        wanted: wanted.to_string(),
+                        available: available.clone(),
+                    },
+                )?
+            }
             None => match image.platforms.iter().find(|p| p.platform == host.to_string()) {
                 Some(p) => p,
                 None if image.platforms.len() == 1 => &image.platforms[0],
@@ -179,8 +175,11 @@ impl RunImage {
         let bad = |reason: String| RunError::BadConfig { image: image.name.clone(), reason };
         let platform = chosen.platform.parse::<Platform>().map_err(|e| bad(e.to_string()))?;
         let path = store.oci_blob_path(&chosen.config.digest);
-        let bytes = std::fs::read(&path)
-            .map_err(|e| StoreError::Io { action: "read", path: path.clone(), source: e })?;
+        let bytes = std::fs::read(&path).map_err(|e| StoreError::Io {
+            action: "read",
+            path: path.clone(),
+            source: e,
+        })?;
         Ok(RunImage {
             name: image.name.clone(),
             id: chosen.manifest.digest.clone(),
@@ -292,7 +291,9 @@ pub fn prepare(
 
     let mut argv: Vec<String> = match &options.entrypoint {
         Some(entrypoint) if entrypoint.is_empty() => options.args.clone(),
-        Some(entrypoint) => std::iter::once(entrypoint.clone()).chain(options.args.clone()).collect(),
+        Some(entrypoint) => {
+            std::iter::once(entrypoint.clone()).chain(options.args.clone()).collect()
+        }
         None if options.args.is_empty() => {
             image.config.entrypoint.iter().chain(&image.config.cmd).cloned().collect()
         }
@@ -319,7 +320,9 @@ pub fn prepare(
     }
     let network = match options.network {
         NetworkMode::Host => {
-            for (file, target) in [(&host.resolv_conf, "/etc/resolv.conf"), (&host.hosts, "/etc/hosts")] {
+            for (file, target) in
+                [(&host.resolv_conf, "/etc/resolv.conf"), (&host.hosts, "/etc/hosts")]
+            {
                 if let Some(file) = file {
                     mounts.push(Mount::bind_ro(file, target));
                 }
@@ -363,11 +366,14 @@ pub fn prepare(
 
 fn resolve_user(view: &RootView<'_>, image: &RunImage, spec: &str) -> Result<user::User> {
     let read = |path: &str| -> Result<String> {
-        Ok(view.read_file(path)?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
+        Ok(view
+            .read_file(path)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default())
     };
     let (passwd, group) = (read("/etc/passwd")?, read("/etc/group")?);
     user::resolve(spec, &passwd, &group)
-        .map_err(|source| RunError::User { image: image.name.clone(), source })
+        .map_err(|reason| RunError::User { image: image.name.clone(), reason })
 }
 
 /// The caller's mapping and the user the workload switches to, if any.

@@ -36,7 +36,12 @@ fn passwd_entries(passwd: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
     passwd.lines().filter_map(|line| {
         let f: Vec<&str> = line.split(':').collect();
         (f.len() >= 6).then_some(())?;
-        Some(PasswdEntry { name: f[0], uid: f[2].parse().ok()?, gid: f[3].parse().ok()?, home: f[5] })
+        Some(PasswdEntry {
+            name: f[0],
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: f[5],
+        })
     })
 }
 
@@ -94,11 +99,20 @@ mod tests {
     fn names_and_numbers_resolve_like_docker() {
         let user = |spec| resolve(spec, PASSWD, GROUP);
         assert_eq!(user(""), Ok(User { uid: 0, gid: 0, home: "/root".into() }));
-        assert_eq!(user("nonroot"), Ok(User { uid: 65532, gid: 65533, home: "/home/nonroot".into() }));
-        assert_eq!(user("65532"), Ok(User { uid: 65532, gid: 65533, home: "/home/nonroot".into() }));
+        assert_eq!(
+            user("nonroot"),
+            Ok(User { uid: 65532, gid: 65533, home: "/home/nonroot".into() })
+        );
+        assert_eq!(
+            user("65532"),
+            Ok(User { uid: 65532, gid: 65533, home: "/home/nonroot".into() })
+        );
         assert_eq!(user("1234"), Ok(User { uid: 1234, gid: 0, home: "/".into() }));
         assert_eq!(user("1234:staff"), Ok(User { uid: 1234, gid: 50, home: "/".into() }));
-        assert_eq!(user("nonroot:7"), Ok(User { uid: 65532, gid: 7, home: "/home/nonroot".into() }));
+        assert_eq!(
+            user("nonroot:7"),
+            Ok(User { uid: 65532, gid: 7, home: "/home/nonroot".into() })
+        );
         assert_eq!(user("nobody"), Err(UserError::UnknownUser("nobody".into())));
         assert_eq!(user("0:wheel"), Err(UserError::UnknownGroup("wheel".into())));
         assert_eq!(user("0:"), Err(UserError::Invalid("0:".into())));

@@ -283,7 +283,7 @@ impl std::fmt::Display for ExecFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             ExecFailure::NotFound => "not found",
-            ExecFailure::CannotExecute => "cannot execute",
+            ExecFailure::CannotExecute => "not executable",
         })
     }
 }
@@ -372,6 +372,29 @@ impl Sandbox {
     /// Runs `spec` to completion.
     pub fn run(&self, spec: &SandboxSpec) -> Result<ExitStatus, SandboxError> {
         self.spawn(spec)?.wait()
+    }
+
+    /// [`Sandbox::run`], forwarding the caller's SIGINT, SIGTERM, SIGHUP,
+    /// SIGQUIT, SIGUSR1 and SIGUSR2 to the workload from before the sandbox
+    /// starts until it has ended (what `pkg run` does, like `docker run`'s
+    /// signal proxy; see [`sys::forward`]).
+    pub fn run_forwarding(&self, spec: &SandboxSpec) -> Result<ExitStatus, SandboxError> {
+        use nix::sys::wait::{Id, WaitPidFlag, waitid};
+        let forwarder = sys::forward::Forwarder::install(&launcher::FORWARDED)
+            .map_err(SandboxError::Forward)?;
+        let running = self.spawn(spec)?;
+        let pid = running.pid.expect("a running sandbox has a launcher");
+        forwarder.attach(pid);
+        // Wait without reaping: the pid stays ours until forwarding stops.
+        loop {
+            match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(SandboxError::Wait(errno)),
+                Ok(_) => break,
+            }
+        }
+        forwarder.detach();
+        running.wait()
     }
 
     /// Starts `spec` and returns once the workload has been exec'd. The
@@ -539,26 +562,6 @@ impl Running {
             Some(wait_status) => Ok(sys::decode_wait_status(wait_status)),
             None => Err(SandboxError::LauncherDied(sys::decode_wait_status(status))),
         }
-    }
-
-    /// [`Running::wait`], meanwhile forwarding the caller's SIGINT, SIGTERM,
-    /// SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the workload (what `pkg run`
-    /// does, like `docker run`'s signal proxy; see [`sys::forward`]).
-    pub fn wait_forwarding(self) -> Result<ExitStatus, SandboxError> {
-        use nix::sys::wait::{Id, WaitPidFlag, waitid};
-        let pid = self.pid.expect("a running sandbox has a launcher");
-        let forwarder = sys::forward::Forwarder::start(pid, &launcher::FORWARDED)
-            .map_err(SandboxError::Forward)?;
-        // Wait without reaping: the pid stays ours until forwarding stops.
-        loop {
-            match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
-                Err(Errno::EINTR) => continue,
-                Err(errno) => return Err(SandboxError::Wait(errno)),
-                Ok(_) => break,
-            }
-        }
-        drop(forwarder);
-        self.wait()
     }
 
     /// The program the sandbox runs, as named in the spec.

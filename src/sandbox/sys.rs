@@ -436,53 +436,74 @@ pub fn decode_wait_status(status: c_int) -> super::ExitStatus {
 }
 
 /// Forwarding of the caller's signals to a sandbox's launcher, which passes
-/// them on to the workload (see [`super::Running::wait_forwarding`]).
+/// them on to the workload (see [`super::Sandbox::run_forwarding`]).
 ///
 /// While a [`Forwarder`] lives, the caller's SIGINT, SIGTERM, SIGHUP,
 /// SIGQUIT, SIGUSR1 and SIGUSR2 run a handler that `kill`s the launcher with
-/// the same signal, whichever thread the kernel picks. Signals the kernel
-/// generated (the terminal's SIGINT and SIGQUIT go to the whole foreground
-/// process group, which includes a workload in the caller's session) are not
-/// forwarded, so the workload gets each exactly once. The launcher's pid is
-/// cleared before it is reaped, and [`Forwarder::stop`] waits for handlers in
-/// flight, so a forwarded signal can never reach a recycled pid.
+/// the same signal, whichever thread the kernel picks. A signal that arrives
+/// before the launcher exists is kept pending and sent by
+/// [`Forwarder::attach`], so none is lost between `install` and the clone.
+/// Signals the kernel generated (the terminal's SIGINT and SIGQUIT go to the
+/// whole foreground process group, which includes a workload in the caller's
+/// session) are not forwarded, so the workload gets each exactly once. The
+/// launcher's pid is cleared before it is reaped, and [`Forwarder::detach`]
+/// waits for handlers in flight, so a forwarded signal can never reach a
+/// recycled pid.
 pub mod forward {
-    use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
     use nix::errno::Errno;
     use nix::libc;
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
     use nix::unistd::Pid;
 
-    /// The launcher to forward to (0: none).
+    /// The launcher to forward to (0: not started yet, or reaped).
     static TARGET: AtomicI32 = AtomicI32::new(0);
-    /// Handlers between reading [`TARGET`] and their `kill`.
+    /// Signals received and not yet forwarded, one bit per signal number.
+    static PENDING: AtomicU64 = AtomicU64::new(0);
+    /// Handlers between reading [`TARGET`] and their last `kill`.
     static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
+    /// Sends every pending signal to `pid` (async-signal-safe).
+    fn flush(pid: libc::pid_t) {
+        let pending = PENDING.swap(0, Ordering::SeqCst);
+        for signal in 1..64 {
+            if pending & (1 << signal) != 0 {
+                // SAFETY: kill is async-signal-safe and has no memory effects.
+                unsafe { libc::kill(pid, signal) };
+            }
+        }
+    }
+
     extern "C" fn forward(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-        let saved = Errno::last_raw();
-        let pid = TARGET.load(Ordering::SeqCst);
         // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
         let from_kernel = !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL;
-        if pid > 0 && !from_kernel {
-            // SAFETY: kill is async-signal-safe and has no memory effects.
-            unsafe { libc::kill(pid, signal) };
+        if from_kernel || !(1..64).contains(&signal) {
+            return;
+        }
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        let saved = Errno::last_raw();
+        // Pending first, then the target: either this handler sees the
+        // target, or `attach` (which sets it, then flushes) sees the bit.
+        PENDING.fetch_or(1 << signal, Ordering::SeqCst);
+        let pid = TARGET.load(Ordering::SeqCst);
+        if pid > 0 {
+            flush(pid);
         }
         Errno::set_raw(saved);
         IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Forwarding to one launcher; dropping it restores the old handlers.
+    /// Installed handlers; dropping it restores the old ones.
     pub struct Forwarder {
         old: Vec<(Signal, SigAction)>,
     }
 
     impl Forwarder {
-        /// Starts forwarding `signals` to `launcher`. One forwarder at a time
-        /// per process (the target is process-wide).
-        pub fn start(launcher: Pid, signals: &[Signal]) -> nix::Result<Self> {
-            TARGET.store(launcher.as_raw(), Ordering::SeqCst);
+        /// Installs the handlers for `signals`. One forwarder at a time per
+        /// process (its state is process-wide).
+        pub fn install(signals: &[Signal]) -> nix::Result<Self> {
+            PENDING.store(0, Ordering::SeqCst);
             let action =
                 SigAction::new(SigHandler::SigAction(forward), SaFlags::SA_RESTART, SigSet::empty());
             let mut forwarder = Forwarder { old: Vec::new() };
@@ -495,9 +516,15 @@ pub mod forward {
             Ok(forwarder)
         }
 
+        /// Forwards to `launcher` from now on, starting with what is pending.
+        pub fn attach(&self, launcher: Pid) {
+            TARGET.store(launcher.as_raw(), Ordering::SeqCst);
+            flush(launcher.as_raw());
+        }
+
         /// Stops forwarding; once this returns no handler will signal the
         /// launcher, so it may be reaped.
-        pub fn stop(&self) {
+        pub fn detach(&self) {
             TARGET.store(0, Ordering::SeqCst);
             while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
                 std::hint::spin_loop();
@@ -507,7 +534,7 @@ pub mod forward {
 
     impl Drop for Forwarder {
         fn drop(&mut self) {
-            self.stop();
+            self.detach();
             for (signal, old) in self.old.drain(..) {
                 // SAFETY: restores the disposition that was in place before.
                 let _ = unsafe { sigaction(signal, &old) };

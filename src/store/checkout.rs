@@ -115,7 +115,10 @@ impl Store {
                     std::fs::create_dir(&path).ctx("create directory", &path)?;
                     self.checkout_dir(&child.digest, &path, modes)?;
                     let bits = child.permissions.bits();
-                    set_mode(&path, if modes == DirModes::Exact { bits } else { bits & !WRITE_BITS })
+                    set_mode(
+                        &path,
+                        if modes == DirModes::Exact { bits } else { bits & !WRITE_BITS },
+                    )
                 }
             }
         })

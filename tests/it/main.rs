@@ -10,5 +10,6 @@ mod image;
 mod keys;
 mod recipe;
 mod rootless;
+mod run;
 mod sandbox;
 mod store;

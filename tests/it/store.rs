@@ -490,7 +490,10 @@ fn gc_frees_an_unrooted_trees_own_objects_and_keeps_shared_ones() {
     let store = Store::open(&ctx.store()).unwrap();
     let out = ctx.run(&["store", "gc"]);
     assert!(out.status.success());
-    assert_eq!(stdout(&out), "removed 0 trees, 0 blobs, 0 cached files, 0 checkouts, 0 temp files; freed 0 B\n");
+    assert_eq!(
+        stdout(&out),
+        "removed 0 trees, 0 blobs, 0 cached files, 0 checkouts, 0 temp files; freed 0 B\n"
+    );
 
     assert!(store.remove_root(&RefName::new("a").unwrap()).unwrap());
     let dry = ctx.run(&["store", "gc", "--dry-run"]);

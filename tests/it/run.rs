@@ -1,0 +1,329 @@
+//! `pkg run`: the rootless launcher, end to end, as an unprivileged user.
+//!
+//! Most tests run a busybox image that the test builds with umoci (two
+//! layers: busybox and a few files, then a layer deleting one of them, which
+//! umoci writes as an OCI whiteout), so they exercise the foreign-image path
+//! too; the recipe tests build `recipes/hello` and `recipes/hello-go`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{TestContext, stderr, stdout};
+use crate::{assert_snapshot, rootless_test};
+
+const BUSYBOX: &str = "/bin/busybox";
+
+fn recipe(name: &str) -> String {
+    format!("{}/recipes/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed:\n{}\n{}", stdout(&out), stderr(&out));
+}
+
+/// An OCI layout at `ROOT/bb` with the image `bb`: busybox with every applet
+/// linked in /bin, `/etc/kept`, `/etc/deleted` (removed again by a second
+/// layer: a whiteout), a 1777 `/tmp`, cmd `sh`, `PATH=/bin`.
+fn busybox_image(ctx: &TestContext) -> String {
+    assert!(
+        Path::new(BUSYBOX).is_file(),
+        "{BUSYBOX} is missing: install busybox-static (scripts/test.sh does)"
+    );
+    let layout = ctx.root().join("bb");
+    let bundle = ctx.root().join("bundle");
+    let umoci = || {
+        let mut cmd = Command::new("umoci");
+        cmd.current_dir(ctx.root());
+        cmd
+    };
+    let image = format!("{}:bb", layout.display());
+    sh(umoci().args(["init", "--layout"]).arg(&layout));
+    sh(umoci().args(["new", "--image", &image]));
+    sh(umoci().args(["unpack", "--rootless", "--image", &image]).arg(&bundle));
+    let rootfs = bundle.join("rootfs");
+    for dir in ["bin", "etc", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    std::fs::set_permissions(
+        rootfs.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+    let list = Command::new(BUSYBOX).arg("--list").output().expect("busybox --list");
+    for applet in stdout(&list).lines().filter(|a| *a != "busybox") {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(rootfs.join("etc/kept"), "kept\n").unwrap();
+    std::fs::write(rootfs.join("etc/deleted"), "deleted\n").unwrap();
+    sh(umoci().args(["repack", "--image", &image]).arg(&bundle));
+    sh(umoci().args([
+        "config",
+        "--image",
+        &image,
+        "--config.cmd",
+        "sh",
+        "--config.env",
+        "PATH=/bin",
+    ]));
+    std::fs::remove_dir_all(&bundle).unwrap();
+    sh(umoci().args(["unpack", "--rootless", "--image", &image]).arg(&bundle));
+    std::fs::remove_file(bundle.join("rootfs/etc/deleted")).unwrap();
+    sh(umoci().args(["repack", "--image", &image]).arg(&bundle));
+    format!("oci:{}:bb", layout.display())
+}
+
+/// `pkg run ARGS`, with the exit code.
+fn run(ctx: &TestContext, args: &[&str]) -> (i32, Output) {
+    let out = ctx.pkg().arg("run").args(args).output().expect("spawn pkg run");
+    (out.status.code().unwrap_or(-1), out)
+}
+
+/// Waits (bounded) for `child` to exit.
+fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("pkg run did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+rootless_test! {
+    /// The README's main job: build the hello recipe, run its image.
+    fn hello_recipe_builds_and_runs() {
+        let ctx = TestContext::new();
+        let (code, out) = run(&ctx, &[&recipe("hello")]);
+        assert_eq!(code, 0, "{}", stderr(&out));
+        assert_eq!(stdout(&out), "Hello from pkg!\n");
+        // Now in the store by name; arguments replace the image's cmd.
+        let (code, out) = run(&ctx, &["hello", "a", "b c"]);
+        assert_eq!(code, 0, "{}", stderr(&out));
+        assert_eq!(stdout(&out), "Hello from pkg!\narg 1: a\narg 2: b c\n");
+    }
+}
+
+rootless_test! {
+    fn busybox_image_prints_and_exits_with_its_status() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let (code, out) = run(&ctx, &[&image, "sh", "-c", "echo hi; exit 3"]);
+        assert_eq!((code, stdout(&out).as_str()), (3, "hi\n"), "{}", stderr(&out));
+        // `--` works as well, and a second run is served from the import.
+        let (code, out) = run(&ctx, &[&image, "--", "sh", "-c", "exit 0"]);
+        assert_eq!(code, 0, "{}", stderr(&out));
+        let (code, out) = run(&ctx, &[&image, "sh", "-c", "kill -KILL $$"]);
+        assert_eq!(code, 128 + 9, "{}", stderr(&out));
+    }
+}
+
+rootless_test! {
+    fn whiteouts_hide_lower_files() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let (code, out) =
+            run(&ctx, &[&image, "sh", "-c", "cat /etc/kept; test ! -e /etc/deleted && echo hidden"]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "kept\nhidden\n"), "{}", stderr(&out));
+    }
+}
+
+rootless_test! {
+    fn writes_vanish_but_volumes_keep_them() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let data = ctx.root().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let volume = format!("{}:/data", data.display());
+        let (code, out) = run(
+            &ctx,
+            &["-v", &volume, &image, "sh", "-c", "echo x > /etc/new && echo y > /data/kept && cat /etc/new"],
+        );
+        assert_eq!((code, stdout(&out).as_str()), (0, "x\n"), "{}", stderr(&out));
+        assert_eq!(std::fs::read_to_string(data.join("kept")).unwrap(), "y\n");
+        let (code, out) = run(&ctx, &[&image, "sh", "-c", "test ! -e /etc/new && echo gone"]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "gone\n"), "{}", stderr(&out));
+        // A read-only volume refuses writes.
+        let ro = format!("{}:/data:ro", data.display());
+        let (code, out) = run(&ctx, &["-v", &ro, &image, "sh", "-c", "echo z > /data/kept"]);
+        assert_ne!(code, 0, "{}", stdout(&out));
+        assert_eq!(std::fs::read_to_string(data.join("kept")).unwrap(), "y\n");
+    }
+}
+
+rootless_test! {
+    fn net_none_has_only_loopback_and_no_host_processes_are_visible() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let (code, out) = run(
+            &ctx,
+            &["--net", "none", &image, "sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"],
+        );
+        assert_eq!((code, stdout(&out).as_str()), (0, "lo\n"), "{}", stderr(&out));
+        // PID 1 is the launcher, then the shell: nothing of the host.
+        let (code, out) = run(&ctx, &[&image, "sh", "-c", "echo /proc/[0-9]*"]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "/proc/1 /proc/2\n"), "{}", stderr(&out));
+    }
+}
+
+rootless_test! {
+    fn sigterm_reaches_the_workload() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let script = "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.05; done";
+        let mut child = ctx
+            .pkg()
+            .args(["run", &image, "sh", "-c", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pkg run");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().transpose().unwrap().as_deref(), Some("ready"));
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = wait_bounded(&mut child, Duration::from_secs(20));
+        assert_eq!(lines.next().transpose().unwrap().as_deref(), Some("got TERM"));
+        assert_eq!(status.code(), Some(7));
+    }
+}
+
+rootless_test! {
+    fn orphans_are_reaped_and_nothing_outlives_the_run() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let data = ctx.root().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let volume = format!("{}:/data", data.display());
+        // The inner shell exits at once, orphaning its sleeping child, which
+        // PID 1 adopts; once it ends it must be reaped, not left a zombie.
+        let script = "sh -c 'sleep 0.2 & exit 0'; sleep 1; \
+                      for s in /proc/[0-9]*/stat; do read -r line < $s; echo \"$line\"; done | \
+                      awk '$3 == \"Z\"' ";
+        let (code, out) = run(&ctx, &["-v", &volume, &image, "sh", "-c", script]);
+        assert_eq!((code, stdout(&out).as_str()), (0, ""), "zombies: {}", stderr(&out));
+        // A background process dies with the workload.
+        let late = "(sleep 1; echo late > /data/late) & exit 0";
+        let (code, out) = run(&ctx, &["-v", &volume, &image, "sh", "-c", late]);
+        assert_eq!(code, 0, "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(!data.join("late").exists(), "a process of the sandbox outlived pkg run");
+    }
+}
+
+rootless_test! {
+    fn docker_options_set_env_workdir_user_hostname_and_stdin() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let env_file = ctx.write("vars.env", "# comment\nB=from file\n\nC=3\n");
+        let script = "echo \"$A|$B|$C|$HOME\"; pwd; id -u; id -g; hostname; touch /tmp/ok && echo tmp ok";
+        let (code, out) = run(
+            &ctx,
+            &[
+                "-e", "A=1", "--env-file", env_file.to_str().unwrap(), "-e", "C=override",
+                "-w", "/tmp", "--user", "1000:1001", "--hostname", "box",
+                &image, "sh", "-c", script,
+            ],
+        );
+        assert_eq!(
+            (code, stdout(&out).as_str()),
+            (0, "1|from file|override|/\n/tmp\n1000\n1001\nbox\ntmp ok\n"),
+            "{}",
+            stderr(&out)
+        );
+        // --entrypoint replaces the program; -i passes stdin through.
+        let mut child = ctx
+            .pkg()
+            .args(["run", "-i", "--entrypoint", "cat", &image])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"through stdin\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(stdout(&out), "through stdin\n");
+        // Without -i the workload reads /dev/null.
+        let out = ctx
+            .pkg()
+            .args(["run", "--entrypoint", "cat", &image])
+            .stdin(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), ""));
+    }
+}
+
+rootless_test! {
+    fn arm64_image_runs_through_qemu() {
+        let ctx = TestContext::new();
+        let (code, out) = run(&ctx, &["--platform", "linux/arm64", &recipe("hello-go"), "--once"]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "Hello from Go on linux/arm64!\n"), "{}", stderr(&out));
+    }
+}
+
+/// A bad target's exit code and its message, with temp paths redacted.
+/// Scratch space goes to `ROOT/tmp`, which must stay empty.
+fn failure(ctx: &TestContext, args: &[&str]) -> (i32, String) {
+    let tmp = ctx.root().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = ctx.pkg().env("TMPDIR", &tmp).arg("run").args(args).output().unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    let left: Vec<PathBuf> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "pkg run {args:?} left {left:?} behind");
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+    (code, ctx.redact(&stderr(&out)))
+}
+
+rootless_test! {
+    fn bad_targets_fail_with_docker_exit_codes() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let (code, text) = failure(&ctx, &["./missing.kdl"]);
+        assert_eq!(code, 125);
+        assert_snapshot!("run_missing_recipe", text);
+        let (code, text) = failure(&ctx, &["nosuch"]);
+        assert_eq!(code, 125);
+        assert_snapshot!("run_unknown_image", text);
+        let (code, text) = failure(&ctx, &["oci:missing-dir"]);
+        assert_eq!(code, 125);
+        assert_snapshot!("run_missing_layout", text);
+        let (code, text) = failure(&ctx, &["--entrypoint", "/nope", &image]);
+        assert_eq!(code, 127);
+        assert_snapshot!("run_missing_entrypoint", text);
+        let (code, text) = failure(&ctx, &["--entrypoint", "/etc/kept", &image]);
+        assert_eq!(code, 126);
+        assert_snapshot!("run_entrypoint_not_executable", text);
+        let (code, text) = failure(&ctx, &["--user", "nobody", &image]);
+        assert_eq!(code, 125);
+        assert_snapshot!("run_unknown_user", text);
+        let (code, text) = failure(&ctx, &["-v", "relative:/x", &image]);
+        assert_eq!(code, 125);
+        assert_snapshot!("run_named_volume", text);
+        let (code, _) = failure(&ctx, &["--no-such-flag", &image]);
+        assert_eq!(code, 125, "usage errors of pkg run exit 125 like docker's");
+        // A corrupt layer blob of a fresh layout: every byte is verified.
+        let fresh = TestContext::new();
+        let image = busybox_image(&fresh);
+        let blobs = fresh.root().join("bb/blobs/sha256");
+        let biggest = std::fs::read_dir(&blobs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+            .unwrap();
+        let mut bytes = std::fs::read(&biggest).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&biggest, bytes).unwrap();
+        let (code, text) = failure(&fresh, &[&image, "true"]);
+        assert_eq!(code, 125);
+        assert!(text.contains("corrupt"), "{text}");
+    }
+}
