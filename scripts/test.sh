@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # System packages the tests use (see README "Testing").
-packages=(util-linux passwd uidmap graphviz skopeo umoci oci-image-tool podman runc musl-tools golang-go gcc-aarch64-linux-gnu libc6-dev qemu-user-static faketime bash tar)
+packages=(util-linux passwd uidmap graphviz skopeo umoci oci-image-tool podman runc musl-tools golang-go gcc-aarch64-linux-gnu libc6-dev qemu-user-static faketime bash tar busybox-static)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
