@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # System packages the tests use (see README "Testing").
-packages=(util-linux passwd uidmap graphviz skopeo umoci oci-image-tool podman runc musl-tools golang-go gcc-aarch64-linux-gnu libc6-dev qemu-user-static faketime bash tar)
+packages=(util-linux passwd uidmap graphviz skopeo umoci oci-image-tool podman runc musl-tools golang-go gcc-aarch64-linux-gnu libc6-dev qemu-user-static faketime bash tar busybox-static)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -37,6 +37,37 @@ if [ "$(id -u)" = 0 ]; then
         chmod o+x "$d" 2>/dev/null || true
         d=$(dirname "$d")
     done
+fi
+
+if [ "$(id -u)" = 0 ]; then
+    # The test user cannot read root's rustup toolchain (/root is private), so
+    # rootless cargo tests use a copy of it at a fixed place, readable by all:
+    # hard links when on one filesystem (no space, root's files untouched),
+    # else a real copy. Refreshed when the source toolchain changes (rustup
+    # update, rustup target add); tests/it/common.rs looks for it there.
+    rust_copy=${PKG_TEST_RUST:-/opt/pkg-test-rust}
+    sysroot=$(rustc --print sysroot)
+    stamp="$sysroot $(find "$sysroot" -printf '%P %y %s %T@ %m\n' | LC_ALL=C sort | sha256sum)"
+    if [ "$(cat "$rust_copy.stamp" 2>/dev/null)" != "$stamp" ]; then
+        echo "test.sh: copying the Rust toolchain $sysroot to $rust_copy for the test user" >&2
+        rm -rf "$rust_copy.new"
+        mkdir -p "$(dirname "$rust_copy")"
+        # Hard links share modes with root's files: link only when every file
+        # is already readable by others, so root's toolchain is never chmod-ed.
+        if [ -z "$(find "$sysroot" ! -perm -o+r -print -quit)" ] &&
+            cp -al "$sysroot" "$rust_copy.new" 2>/dev/null; then
+            :
+        else
+            rm -rf "$rust_copy.new"
+            cp -a "$sysroot" "$rust_copy.new"
+            chmod -R a+rX "$rust_copy.new"
+        fi
+        chmod a+rx "$rust_copy.new"
+        rm -rf "$rust_copy"
+        mv "$rust_copy.new" "$rust_copy"
+        printf '%s\n' "$stamp" >"$rust_copy.stamp"
+    fi
+    "$rust_copy/bin/rustc" --version >/dev/null
 fi
 
 cargo fmt --check

@@ -3,8 +3,9 @@
 //!
 //! Tests that need a host tool fail (naming the Debian package) when it is
 //! missing; none skips. Builder and sandbox tests run as an unprivileged
-//! user (`rootless_test!`); the cargo tests run as the invoking user because
-//! the Rust toolchain usually lives in that user's home.
+//! user (`rootless_test!`). The cargo tests too: when the suite runs as root,
+//! the test user builds with the copy of root's Rust toolchain that
+//! scripts/test.sh makes (see [`crate::common::rust_sysroot`]).
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
-use crate::common::{TestContext, stderr, stdout};
+use crate::common::{TestContext, path_with_rust, stderr, stdout};
 
 /// Fails (never skips) when `tool` is not installed, naming its Debian package.
 fn require(tool: &str, package: &str) {
@@ -44,24 +45,10 @@ fn toolchain_env() -> Vec<(&'static str, std::ffi::OsString)> {
     env
 }
 
-/// `PATH` with the Rust toolchain's own `bin` first, so `pkg` needs not ask a
-/// rustup proxy (rustc hangs at start-up under faketime's preload).
-fn path_with_rust_first() -> std::ffi::OsString {
-    let out = Command::new("rustc").args(["--print", "sysroot"]).output().expect("run rustc");
-    assert!(
-        out.status.success(),
-        "this test needs a Rust toolchain: `rustc --print sysroot` failed"
-    );
-    let sysroot = PathBuf::from(stdout(&out).trim());
-    let mut dirs = vec![sysroot.join("bin")];
-    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
-    std::env::join_paths(dirs).unwrap()
-}
-
-/// `ctx.pkg()` that can find the invoking user's Rust toolchain.
+/// `ctx.pkg()` that can find this test's Rust toolchain.
 fn pkg_with_toolchain(ctx: &TestContext) -> Command {
     let mut cmd = ctx.pkg();
-    cmd.envs(toolchain_env()).env("PATH", path_with_rust_first());
+    cmd.envs(toolchain_env()).env("PATH", path_with_rust());
     cmd
 }
 
@@ -232,23 +219,93 @@ crate::rootless_test! {
     }
 }
 
-#[test]
-fn rust_recipe_builds_reproducibly() {
-    let report = assert_reproducible(&recipes().join("hello-rust"), &path_with_rust_first(), &[]);
-    let ctx = TestContext::new();
-    let digest = output_of(&report, "hello-rust", "linux/amd64");
-    // The report came from another context's store: build it here too.
-    let out = pkg_with_toolchain(&ctx)
-        .args(["build", "--json", recipes().join("hello-rust").to_str().unwrap()])
+crate::rootless_test! {
+    fn rust_recipe_builds_reproducibly() {
+        let report = assert_reproducible(&recipes().join("hello-rust"), &path_with_rust(), &[]);
+        let ctx = TestContext::new();
+        let digest = output_of(&report, "hello-rust", "linux/amd64");
+        // The report came from another context's store: build it here too.
+        let out = pkg_with_toolchain(&ctx)
+            .args(["build", "--json", recipes().join("hello-rust").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let here: Value = serde_json::from_slice(&ok(&out).stdout).unwrap();
+        assert_eq!(output_of(&here, "hello-rust", "linux/amd64"), digest);
+        let dir = checkout(&ctx, &digest, "co");
+        let bin = dir.join("usr/bin/hello-rust");
+        let run = Command::new(&bin).env_clear().output().unwrap();
+        assert_eq!(stdout(&run), "Hello from Rust on linux/x86_64!\n");
+        assert!(!has_interpreter(&std::fs::read(&bin).unwrap()), "hello-rust is dynamically linked");
+    }
+}
+
+/// `pkg build --json RECIPE` as `user` (uid, gid) in a fresh store under
+/// `root`, whose `PATH` starts with `sysroot`'s `bin`; returns the report.
+fn build_json_as(root: &Path, user: Option<(u32, u32)>, sysroot: &Path, recipe: &Path) -> Value {
+    std::fs::create_dir_all(root).unwrap();
+    let mut cmd = match user {
+        Some((uid, gid)) => {
+            let status = Command::new("chown").arg(format!("{uid}:{gid}")).arg(root).status();
+            assert!(status.unwrap().success(), "chown {}", root.display());
+            let mut c = Command::new("setpriv");
+            c.args([&format!("--reuid={uid}"), &format!("--regid={gid}"), "--clear-groups", "--"]);
+            c.arg(env!("CARGO_BIN_EXE_pkg"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_pkg")),
+    };
+    let out = cmd
+        .args(["build", "--json", recipe.to_str().unwrap()])
+        .current_dir(root)
+        .env_clear()
+        .env("PATH", crate::common::path_with_rust_at(sysroot))
+        .env("HOME", root)
+        .env("PKG_STORE", root.join("store"))
+        .env("NO_COLOR", "1")
         .output()
         .unwrap();
-    let here: Value = serde_json::from_slice(&ok(&out).stdout).unwrap();
-    assert_eq!(output_of(&here, "hello-rust", "linux/amd64"), digest);
-    let dir = checkout(&ctx, &digest, "co");
-    let bin = dir.join("usr/bin/hello-rust");
-    let run = Command::new(&bin).env_clear().output().unwrap();
-    assert_eq!(stdout(&run), "Hello from Rust on linux/x86_64!\n");
-    assert!(!has_interpreter(&std::fs::read(&bin).unwrap()), "hello-rust is dynamically linked");
+    serde_json::from_slice(&ok(&out).stdout).expect("--json prints one JSON object")
+}
+
+/// The cargo builder's output does not depend on who builds or where the
+/// (identical) toolchain lives: root with its own rustup toolchain and, when
+/// the suite runs as root, the test user with scripts/test.sh's copy of it
+/// build the same bytes. Their build keys differ, as they should: a tool's
+/// identity includes its path (see `pkg::tool`).
+#[test]
+fn rust_recipe_output_is_the_same_for_root_and_the_test_user() {
+    use crate::common::{DEFAULT_TEST_USER, lookup_user, running_as_root, rust_sysroot};
+    let recipe = recipes().join("hello-rust");
+    let dir = tempfile::tempdir().unwrap();
+    // The test user must reach its own directory inside.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mine = rust_sysroot();
+    let first = build_json_as(&dir.path().join("invoker"), None, &mine, &recipe);
+    let (user, theirs) = if running_as_root() {
+        let user = lookup_user(DEFAULT_TEST_USER)
+            .expect("user pkgtest exists (scripts/test.sh creates it)");
+        (Some(user), crate::common::test_user_rust_sysroot())
+    } else {
+        (None, mine.clone())
+    };
+    let second = build_json_as(&dir.path().join("test-user"), user, &theirs, &recipe);
+    let output = |r: &Value| output_of(r, "hello-rust", "linux/amd64");
+    assert_eq!(
+        output(&first),
+        output(&second),
+        "hello-rust differs between {} and {}",
+        mine.display(),
+        theirs.display()
+    );
+    let key = |r: &Value| r["nodes"][0]["key"].clone();
+    assert_eq!(
+        key(&first) == key(&second),
+        mine == theirs,
+        "keys: {} and {}",
+        key(&first),
+        key(&second)
+    );
 }
 
 /// Whether a 64-bit little-endian ELF file has a PT_INTERP program header
@@ -264,25 +321,24 @@ fn has_interpreter(elf: &[u8]) -> bool {
     })
 }
 
-#[test]
-fn cargo_without_target_std_names_the_target() {
-    let ctx = TestContext::new();
-    let out = pkg_with_toolchain(&ctx)
-        .args([
-            "build",
-            recipes().join("hello-rust").to_str().unwrap(),
-            "--platform",
-            "linux/arm64",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(
-        err.contains("aarch64-unknown-linux-gnu")
-            && err.contains("rustup target add aarch64-unknown-linux-gnu"),
-        "{err}"
-    );
+crate::rootless_test! {
+    fn cargo_without_target_std_names_the_target() {
+        let ctx = TestContext::new();
+        let out = pkg_with_toolchain(&ctx)
+            .args([
+                "build",
+                recipes().join("hello-rust").to_str().unwrap(),
+                "--platform",
+                "linux/arm64",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        // The report wraps long lines (where depends on the sysroot's path).
+        let unwrapped: String = err.split_whitespace().collect();
+        assert!(unwrapped.contains("rustuptargetaddaarch64-unknown-linux-gnu"), "{err}");
+    }
 }
 
 crate::rootless_test! {

@@ -123,6 +123,57 @@ pub fn as_unprivileged(module: &str, test: &str, body: impl FnOnce()) {
     );
 }
 
+/// Where scripts/test.sh (run as root) keeps a copy of root's Rust toolchain
+/// that the test user can read; override with `PKG_TEST_RUST`.
+pub const DEFAULT_TEST_RUST: &str = "/opt/pkg-test-rust";
+
+/// The copy of root's Rust toolchain that the test user builds with when the
+/// suite runs as root (root's own sits in /root, which that user cannot read).
+/// A missing copy is a failure naming the fix, never a skip.
+pub fn test_user_rust_sysroot() -> PathBuf {
+    let copy = std::env::var_os("PKG_TEST_RUST").map_or(DEFAULT_TEST_RUST.into(), PathBuf::from);
+    assert!(
+        copy.join("bin/rustc").is_file() && copy.join("bin/cargo").is_file(),
+        "cargo tests run as the test user need a Rust toolchain it can read at {0}: run \
+         scripts/test.sh as root (it copies root's toolchain there, like \
+         `cp -al \"$(rustc --print sysroot)\" {0}`), or set PKG_TEST_RUST to such a toolchain",
+        copy.display()
+    );
+    copy
+}
+
+/// The sysroot of the Rust toolchain this test builds with: for a body that
+/// root re-executed as the test user, [`test_user_rust_sysroot`]; for anyone
+/// else their own, as `rustc --print sysroot` names it.
+pub fn rust_sysroot() -> PathBuf {
+    if std::env::var_os(AS_USER_ENV).is_some() {
+        return test_user_rust_sysroot();
+    }
+    let out = Command::new("rustc").args(["--print", "sysroot"]).output();
+    let sysroot = out.ok().filter(|o| o.status.success()).map(|o| PathBuf::from(stdout(&o).trim()));
+    match sysroot {
+        Some(s) if s.join("bin/rustc").is_file() => s,
+        _ => panic!(
+            "this test needs a Rust toolchain: `rustc --print sysroot` must name one \
+             (install Rust with rustup, as the README says)"
+        ),
+    }
+}
+
+/// `PATH` with `sysroot`'s `bin` first, so `pkg` resolves `cargo` and `rustc`
+/// to that toolchain's own binaries, never to a rustup proxy (which also
+/// hangs at start-up under faketime's preload).
+pub fn path_with_rust_at(sysroot: &Path) -> std::ffi::OsString {
+    let mut dirs = vec![sysroot.join("bin")];
+    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(dirs).unwrap()
+}
+
+/// `PATH` with [`rust_sysroot`]'s `bin` first.
+pub fn path_with_rust() -> std::ffi::OsString {
+    path_with_rust_at(&rust_sysroot())
+}
+
 /// Whether this process runs with effective uid 0.
 pub fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

@@ -810,3 +810,163 @@ crate::rootless_test! {
         assert!(passwd.contains("nonroot:x:65532"), "{passwd}");
     }
 }
+
+/// Every recipe directory under `recipes/` whose `pkg.kdl` defines an image,
+/// with its images, in directory order.
+fn recipe_images() -> Vec<(PathBuf, Vec<pkg::recipe::Image>)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    dirs.into_iter()
+        .filter(|dir| dir.join("pkg.kdl").is_file())
+        .filter_map(|dir| {
+            let recipe = pkg::recipe::load(&dir.join("pkg.kdl"))
+                .unwrap_or_else(|e| panic!("{}: {e:?}", dir.display()));
+            let images: Vec<_> = recipe.images.into_values().collect();
+            (!images.is_empty()).then_some((dir, images))
+        })
+        .collect()
+}
+
+/// What a recipe image's entrypoint is run with and prints on `arch`. A new
+/// recipe image with an entrypoint must say here what it prints.
+fn expected_run(image: &str, arch: Arch) -> (&'static [&'static str], String) {
+    match image {
+        "hello" => (&["there"], "Hello from pkg!\narg 1: there\n".to_string()),
+        "hello-c" => (&[], format!("Hello from C on linux/{}!\n", arch.oci_name())),
+        // Without `--once` it would serve HTTP on :8080 (the image's cmd).
+        "hello-go" => (&["--once"], format!("Hello from Go on linux/{}!\n", arch.oci_name())),
+        "hello-rust" => (&[], format!("Hello from Rust on linux/{}!\n", arch.gnu_name())),
+        other => panic!(
+            "recipe image `{other}` has an entrypoint: add what it prints to `expected_run` in \
+             tests/it/image.rs"
+        ),
+    }
+}
+
+/// `skopeo inspect` (image and config) of `reference` for `platform`; checks
+/// the platform and the entrypoint the recipe gives.
+fn inspect_platform(reference: &str, platform: &Platform, image: &pkg::recipe::Image) {
+    let mut args =
+        vec!["--override-os", platform.os(), "--override-arch", platform.arch().oci_name()];
+    if let Some(variant) = platform.variant() {
+        args.extend(["--override-variant", variant]);
+    }
+    args.extend(["inspect", reference]);
+    let info: serde_json::Value = serde_json::from_slice(&tool("skopeo", &args).stdout).unwrap();
+    assert_eq!(info["Architecture"], platform.arch().oci_name(), "{reference} for {platform}");
+    assert_eq!(info["Os"], platform.os(), "{reference} for {platform}");
+    args.insert(args.len() - 1, "--config");
+    let config: serde_json::Value = serde_json::from_slice(&tool("skopeo", &args).stdout).unwrap();
+    let entrypoint = &config["config"]["Entrypoint"];
+    if image.entrypoint.is_empty() {
+        assert!(entrypoint.is_null(), "{reference} for {platform}: {entrypoint}");
+    } else {
+        assert_eq!(*entrypoint, serde_json::json!(image.entrypoint), "{reference} for {platform}");
+    }
+}
+
+/// Unpacks `layout`'s image `name` (one platform) with umoci and checks its
+/// rootfs: the entrypoint exists and prints what [`expected_run`] says (run
+/// natively on the host's arch, else explicitly under qemu-user-static, since
+/// binfmt_misc may not be mounted); an image without one is not empty.
+fn unpack_and_run(layout: &Path, image: &pkg::recipe::Image, platform: &Platform, bundle: &Path) {
+    let name = &image.name.value;
+    let reference = format!("{}:{name}", layout.display());
+    tool("umoci", &["unpack", "--rootless", "--image", &reference, bundle.to_str().unwrap()]);
+    let rootfs = bundle.join("rootfs");
+    let Some(entrypoint) = image.entrypoint.first() else {
+        assert!(!read_all(&rootfs).is_empty(), "{reference} unpacks to an empty rootfs");
+        return;
+    };
+    let program = rootfs.join(entrypoint.trim_start_matches('/'));
+    let meta = std::fs::symlink_metadata(&program)
+        .unwrap_or_else(|e| panic!("{reference}: entrypoint {entrypoint} not in the rootfs: {e}"));
+    assert!(meta.is_file() && meta.permissions().mode() & 0o111 != 0, "{reference}: {entrypoint}");
+    let (args, expected) = expected_run(name, platform.arch());
+    let mut run = if platform.arch() == Platform::host().arch() {
+        Command::new(&program)
+    } else {
+        let qemu = format!("qemu-{}-static", platform.arch().gnu_name());
+        let mut c = Command::new(qemu);
+        c.arg(&program);
+        c
+    };
+    let out = run.args(args).env_clear().output().unwrap_or_else(|e| {
+        panic!("cannot run {entrypoint} of {reference} ({e}): install qemu-user-static (scripts/test.sh does)")
+    });
+    assert!(out.status.success(), "{entrypoint} of {reference} failed: {}", stderr(&out));
+    assert_eq!(stdout(&out), expected, "{entrypoint} of {reference} for {platform}");
+}
+
+crate::rootless_test! {
+    /// Every recipe under recipes/ that defines an image, built with `pkg
+    /// build RECIPE -o oci:DIR` and `-o oci-archive:FILE`, passes the peer
+    /// tools: skopeo inspects both for each platform, oci-image-tool validates
+    /// the layout and the archive's contents, and umoci unpacks each platform,
+    /// whose entrypoint runs and prints its greeting. One store serves all, so
+    /// every build after the first of a recipe is cached.
+    fn every_recipe_image_passes_skopeo_umoci_and_oci_image_tool() {
+        let recipes = recipe_images();
+        let found: Vec<String> = recipes
+            .iter()
+            .map(|(dir, _)| dir.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        for expected in ["ca-certs", "hello", "hello-c", "hello-go", "hello-rust"] {
+            assert!(found.iter().any(|f| f == expected), "recipes/{expected} not found among {found:?}");
+        }
+        let ctx = TestContext::new();
+        // hello-rust builds with cargo: the toolchain this test may use comes first.
+        let path = crate::common::path_with_rust();
+        let pkg = |args: &[&str]| -> String {
+            let out = ctx.pkg().env("PATH", &path).args(args).output().unwrap();
+            assert!(out.status.success(), "pkg {} failed:\n{}", args.join(" "), stderr(&out));
+            stderr(&out)
+        };
+        for (dir, images) in &recipes {
+            let recipe = dir.to_str().unwrap();
+            for image in images {
+                let name = image.name.value.as_str();
+                let platforms: Vec<Platform> = if image.platforms.is_empty() {
+                    vec![Platform::host()]
+                } else {
+                    image.platforms.iter().map(|p| p.value).collect()
+                };
+                let layout = ctx.root().join(format!("{name}.oci"));
+                let archive = ctx.root().join(format!("{name}.tar"));
+                pkg(&["build", recipe, "--image", name, "-o", &format!("oci:{}", layout.display())]);
+                pkg(&["build", recipe, "--image", name, "-o", &format!("oci-archive:{}", archive.display())]);
+                for platform in &platforms {
+                    inspect_platform(&format!("oci:{}:{name}", layout.display()), platform, image);
+                    inspect_platform(&format!("oci-archive:{}:{name}", archive.display()), platform, image);
+                }
+
+                // oci-image-tool 1.0.0-rc1 (Debian 12) implements neither
+                // `--type imageLayout` nor reading a layout from a tar: it
+                // validates directories (as layouts) with `--type image`, so
+                // the archive is checked unpacked, and must hold the layout.
+                let ref_name = format!("name={name}");
+                tool("oci-image-tool", &["validate", "--type", "image", "--ref", &ref_name, layout.to_str().unwrap()]);
+                let unpacked = ctx.root().join(format!("{name}.tar.d"));
+                std::fs::create_dir(&unpacked).unwrap();
+                tool("tar", &["-xf", archive.to_str().unwrap(), "-C", unpacked.to_str().unwrap()]);
+                tool("oci-image-tool", &["validate", "--type", "image", "--ref", &ref_name, unpacked.to_str().unwrap()]);
+                assert!(read_all(&unpacked) == read_all(&layout), "{name}: the archive does not hold the layout");
+
+                // umoci cannot pick a platform from an index: one layout per
+                // platform, built from the cached packages.
+                for platform in &platforms {
+                    let arch = platform.to_string().replace('/', "-");
+                    let single = ctx.root().join(format!("{name}-{arch}.oci"));
+                    let err = pkg(&[
+                        "build", recipe, "--image", name, "--platform", &platform.to_string(),
+                        "-o", &format!("oci:{}", single.display()),
+                    ]);
+                    assert!(err.contains("up to date"), "{name} for {platform} was built again:\n{err}");
+                    unpack_and_run(&single, image, platform, &ctx.root().join(format!("{name}-{arch}.bundle")));
+                }
+            }
+        }
+    }
+}
