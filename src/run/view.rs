@@ -8,11 +8,13 @@
 //! stops at it), at most [`MAX_SYMLINKS`] of them per lookup, so a lookup
 //! never leaves the image and always ends.
 
-use std::collections::VecDeque;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::io::Read;
+use std::rc::Rc;
 
 use crate::digest::Digest;
-use crate::store::{FileNode, Node, PathComponent, Result, Store};
+use crate::store::{FileNode, Node, PathComponent, Result, Store, Tree};
 
 /// Symlinks followed in one lookup before it gives up (Linux's limit).
 pub const MAX_SYMLINKS: usize = 40;
@@ -32,12 +34,14 @@ pub struct RootView<'s> {
     store: &'s Store,
     /// Layer trees, topmost first.
     layers: Vec<Digest>,
+    /// Trees read so far (each lookup walks the same few directories).
+    trees: RefCell<HashMap<Digest, Rc<Tree>>>,
 }
 
 impl<'s> RootView<'s> {
     /// `layers` in OCI order: the base layer first.
     pub fn new(store: &'s Store, layers: &[Digest]) -> Self {
-        RootView { store, layers: layers.iter().rev().copied().collect() }
+        RootView { store, layers: layers.iter().rev().copied().collect(), trees: RefCell::default() }
     }
 
     /// What `path` names (absolute, or relative to `/`), following symlinks.
@@ -100,11 +104,20 @@ impl<'s> RootView<'s> {
     /// every component is a directory in the topmost layer holding it).
     fn entry(&self, dir: &[PathComponent], name: &PathComponent) -> Result<Option<Node>> {
         for tree in self.merged_dir(dir)? {
-            if let Some(node) = self.store.read_tree(&tree)?.get(name) {
+            if let Some(node) = self.tree(&tree)?.get(name) {
                 return Ok(Some(node.clone()));
             }
         }
         Ok(None)
+    }
+
+    fn tree(&self, digest: &Digest) -> Result<Rc<Tree>> {
+        if let Some(tree) = self.trees.borrow().get(digest) {
+            return Ok(Rc::clone(tree));
+        }
+        let tree = Rc::new(self.store.read_tree(digest)?);
+        self.trees.borrow_mut().insert(*digest, Rc::clone(&tree));
+        Ok(tree)
     }
 
     /// The trees that make up the merged directory `dir`, topmost first.
@@ -113,7 +126,7 @@ impl<'s> RootView<'s> {
         for name in dir {
             let mut next = Vec::new();
             for tree in &stack {
-                match self.store.read_tree(tree)?.get(name) {
+                match self.tree(tree)?.get(name) {
                     Some(Node::Dir(child)) => next.push(child.digest),
                     // A non-directory hides the directories below it.
                     Some(_) => break,

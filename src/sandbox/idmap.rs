@@ -121,14 +121,28 @@ fn write_file(path: PathBuf, contents: &str) -> Result<(), IdMapError> {
         .map_err(|source| IdMapError::Write { path, source })
 }
 
-fn run_helper(program: &Path, pid: i32, ranges: &[IdRange]) -> Result<(), IdMapError> {
+/// Starts a helper (`newuidmap PID INSIDE OUTSIDE COUNT…`) without waiting.
+fn spawn_helper(
+    program: &Path,
+    pid: i32,
+    ranges: &[IdRange],
+) -> Result<std::process::Child, IdMapError> {
     let mut cmd = Command::new(program);
     cmd.arg(pid.to_string());
     for r in ranges {
         cmd.args([r.inside.to_string(), r.outside.to_string(), r.count.to_string()]);
     }
-    let out =
-        cmd.output().map_err(|source| IdMapError::Spawn { program: program.into(), source })?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| IdMapError::Spawn { program: program.into(), source })
+}
+
+fn finish_helper(program: &Path, child: std::process::Child) -> Result<(), IdMapError> {
+    let out = child
+        .wait_with_output()
+        .map_err(|source| IdMapError::Spawn { program: program.into(), source })?;
     if out.status.success() {
         Ok(())
     } else {
@@ -149,9 +163,13 @@ pub fn write_id_maps(proc_root: &Path, pid: i32, mapping: &IdMapping) -> Result<
             write_file(dir.join("uid_map"), &map_lines(&mapping.uids))?;
             write_file(dir.join("gid_map"), &map_lines(&mapping.gids))
         }
+        // The two maps are independent: both helpers run at once.
         MapMethod::Helpers { newuidmap, newgidmap } => {
-            run_helper(newuidmap, pid, &mapping.uids)?;
-            run_helper(newgidmap, pid, &mapping.gids)
+            let uids = spawn_helper(newuidmap, pid, &mapping.uids)?;
+            let gids = spawn_helper(newgidmap, pid, &mapping.gids);
+            let uid_result = finish_helper(newuidmap, uids);
+            let gid_result = gids.and_then(|child| finish_helper(newgidmap, child));
+            uid_result.and(gid_result)
         }
     }
 }
