@@ -242,18 +242,31 @@ impl Noted {
         }
     }
 
-    fn warning(&self, what: &str, layer: &str) -> Option<String> {
+    /// `"{verb} {count} {what} in layer {layer} ({paths}){why}"`, when anything was noted.
+    fn warning(&self, verb: &str, what: &str, layer: &str, why: &str) -> Option<String> {
         (self.count > 0).then(|| {
             let more = if self.count > self.paths.len() { ", …" } else { "" };
-            format!("{} {what} in layer {layer} ({}{more})", self.count, self.paths.join(", "))
+            let paths = self.paths.join(", ");
+            format!("{verb} {} {what} in layer {layer} ({paths}{more}){why}", self.count)
         })
     }
 }
+
+/// Longest entry path accepted: Linux's `PATH_MAX`. It also bounds the depth
+/// of the recursive tree code below.
+const PATH_MAX: usize = 4096;
 
 /// Splits an entry path into validated components: no leading `/` or `./`,
 /// no `.` parts; `..` refuses the layer.
 fn components(raw: &[u8], layer: &str) -> Result<Vec<PathComponent>, ImportError> {
     let shown = || String::from_utf8_lossy(raw).into_owned();
+    if raw.len() > PATH_MAX {
+        return Err(ImportError::InvalidEntry {
+            layer: layer.to_string(),
+            entry: format!("{}…", String::from_utf8_lossy(&raw[..64])),
+            reason: format!("its path has {} bytes, more than {PATH_MAX}", raw.len()),
+        });
+    }
     let mut out = Vec::new();
     for part in raw.split(|&b| b == b'/') {
         match part {
@@ -402,11 +415,13 @@ pub fn apply(
     let tree = store_dir(store, root, &mut path, &deletions, &mut view)?;
     let warnings = [
         special.warning(
-            "device nodes and fifos skipped (a rootless container cannot create them)",
+            "skipped",
+            "device nodes and fifos",
             layer,
+            ": a rootless container cannot create them",
         ),
-        privileged.warning("files lost their setuid/setgid bits", layer),
-        unknown.warning("entries of unsupported tar types skipped", layer),
+        privileged.warning("dropped the setuid/setgid bits of", "files", layer, ""),
+        unknown.warning("skipped", "entries of unknown tar types", layer, ""),
     ]
     .into_iter()
     .flatten()
