@@ -397,6 +397,31 @@ fn whiteouts_and_opaque_dirs_hide_lower_content_and_lower_trees_stay_shared() {
 }
 
 #[test]
+fn an_opaque_root_hides_every_lower_layer() {
+    let ctx = TestContext::new();
+    let store = Store::open(&ctx.store()).unwrap();
+    let base = [E::File("etc/a", "a", 0o644), E::Dir("kept-mode/", 0o700)];
+    let upper = [
+        E::File("./.wh..wh..opq", "", 0o644),
+        E::File("etc/b", "b", 0o644),
+        E::File("kept-mode/x", "x", 0o644),
+    ];
+    let dir = ctx.root().join("layout");
+    simple_layout(&dir, &[layer(&base, Comp::Gzip), layer(&upper, Comp::Gzip)]);
+    let imported = import_dir(&store, &dir);
+    assert_eq!(
+        merged(&store, &imported.layers),
+        expect(&[
+            ("etc", "dir 755"),
+            ("etc/b", "file 644 b"),
+            // The directory below is hidden, so its mode is not inherited.
+            ("kept-mode", "dir 755"),
+            ("kept-mode/x", "file 644 x"),
+        ])
+    );
+}
+
+#[test]
 fn parents_are_created_or_replaced_like_a_tar_extraction() {
     let ctx = TestContext::new();
     let store = Store::open(&ctx.store()).unwrap();
@@ -635,6 +660,48 @@ fn a_multi_platform_index_selects_by_platform() {
     let s390x = Platform::linux(Arch::S390x);
     let e = try_import(&store, &source, None, s390x).unwrap_err();
     assert_snapshot!("no_matching_platform", error_text(&ctx, &e));
+}
+
+/// Docker's media types (manifest list, v2 manifest, container config,
+/// `rootfs.diff.tar.gzip`), and a descriptor without a media type in
+/// index.json, as some tools write.
+#[test]
+fn docker_media_types_are_read() {
+    let ctx = TestContext::new();
+    let store = Store::open(&ctx.store()).unwrap();
+    let dir = ctx.root().join("docker");
+    let mut layout = Layout::new(&dir);
+    let mut manifests = vec![];
+    for arch in ["arm64", "amd64"] {
+        let tar = layer_tar(&[E::File("arch", arch, 0o644)]);
+        let (blob, _) = compress(&tar, Comp::Gzip);
+        let mut l = layout.blob(&blob);
+        l["mediaType"] = "application/vnd.docker.image.rootfs.diff.tar.gzip".into();
+        let config = serde_json::json!({
+            "architecture": arch, "os": "linux", "config": {},
+            "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&tar))] },
+        });
+        let mut c = layout.blob(&serde_json::to_vec(&config).unwrap());
+        c["mediaType"] = "application/vnd.docker.container.image.v1+json".into();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": c, "layers": [l],
+        });
+        let mut m = layout.blob(&serde_json::to_vec(&manifest).unwrap());
+        m["mediaType"] = "application/vnd.docker.distribution.manifest.v2+json".into();
+        m["platform"] = serde_json::json!({ "architecture": arch, "os": "linux" });
+        manifests.push(m);
+    }
+    let list = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json",
+        "manifests": manifests,
+    });
+    let d = layout.blob(&serde_json::to_vec(&list).unwrap());
+    layout.add(d, Some("docker.io/library/thing:1"));
+    let imported = try_import(&store, &OciSource::Layout(dir), Some("1"), amd64()).unwrap();
+    assert_eq!(merged(&store, &imported.layers)["arch"], "file 644 amd64");
 }
 
 /// Tars the layout at `dir` with the `tar` command (entries named `./…`).
@@ -885,3 +952,4 @@ fn images_written_by_pkg_round_trip_to_their_layer_trees() {
         assert_eq!(got.layers, want, "{platform} from the archive");
     }
 }
+
