@@ -953,3 +953,21 @@ fn images_written_by_pkg_round_trip_to_their_layer_trees() {
     }
 }
 
+/// `pkg build RECIPE -o oci:DIR` imports back to the layer trees recorded for the image.
+#[test]
+fn a_layout_from_pkg_build_round_trips() {
+    let ctx = TestContext::new();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/ca-certs");
+    let layout = ctx.root().join("out");
+    let target = format!("oci:{}", layout.display());
+    let out = ctx.run(&["build", recipe.to_str().unwrap(), "-o", &target]);
+    assert!(out.status.success(), "pkg build failed:\n{}\n{}", stdout(&out), stderr(&out));
+    let store = Store::open(&ctx.store()).unwrap();
+    let name = pkg::store::RefName::new("ca-certs").unwrap();
+    let built = image::load(&store, &name).unwrap().expect("pkg build records the image");
+    let want: Vec<Digest> = built.platforms[0].layers.iter().map(|l| l.tree).collect();
+    let imported =
+        try_import(&store, &OciSource::Layout(layout), Some("ca-certs"), amd64()).unwrap();
+    assert_eq!(imported.layers, want);
+    assert!(merged(&store, &imported.layers).contains_key("etc/ssl/certs/ca-certificates.crt"));
+}
