@@ -482,6 +482,10 @@ fn a_dotdot_entry_refuses_the_layer() {
     let e = try_import(&store, &OciSource::Layout(dir), None, amd64()).unwrap_err();
     assert!(matches!(e, ImportError::Escape { .. }), "{e:?}");
     assert_snapshot!("dotdot_entry", error_text(&ctx, &e));
+    let dir = ctx.root().join("link");
+    simple_layout(&dir, &[layer(&[E::Hardlink("etc/x", "../../etc/shadow")], Comp::Gzip)]);
+    let e = try_import(&store, &OciSource::Layout(dir), None, amd64()).unwrap_err();
+    assert_snapshot!("dotdot_hard_link", error_text(&ctx, &e));
 }
 
 #[test]

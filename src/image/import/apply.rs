@@ -17,8 +17,10 @@
 //!   other `.wh..wh.` names are ignored;
 //! - hard links copy the node of their target from this layer or, when this
 //!   layer neither holds nor deletes it, from the merged view below;
-//! - devices and fifos are skipped, setuid/setgid bits dropped, each with a
-//!   warning; owners, times and xattrs are not read.
+//! - devices and fifos are skipped, setuid/setgid bits of files dropped, each
+//!   with a warning; a directory's setgid bit (which only steers group
+//!   inheritance, and the store keeps no groups) is dropped silently; owners,
+//!   times and xattrs are not read.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -383,7 +385,16 @@ pub fn apply(
             }
             tar::EntryType::Link => {
                 let raw = entry.link_name_bytes().unwrap_or_default().into_owned();
-                let target = components(&raw, layer)?;
+                let target = components(&raw, layer).map_err(|e| match e {
+                    ImportError::Escape { .. } => invalid(
+                        &path,
+                        format!(
+                            "its hard-link target `{}` escapes the image root",
+                            String::from_utf8_lossy(&raw)
+                        ),
+                    ),
+                    other => other,
+                })?;
                 let missing = || ImportError::MissingLinkTarget {
                     layer: layer.to_string(),
                     entry: display(&path),
