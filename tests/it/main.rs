@@ -7,6 +7,7 @@ mod doctor;
 mod fuzz;
 mod graph;
 mod image;
+mod import;
 mod keys;
 mod recipe;
 mod rootless;

@@ -17,8 +17,10 @@
 //!   other `.wh..wh.` names are ignored;
 //! - hard links copy the node of their target from this layer or, when this
 //!   layer neither holds nor deletes it, from the merged view below;
-//! - devices and fifos are skipped, setuid/setgid bits dropped, each with a
-//!   warning; owners, times and xattrs are not read.
+//! - devices and fifos are skipped, setuid/setgid bits of files dropped, each
+//!   with a warning; a directory's setgid bit (which only steers group
+//!   inheritance, and the store keeps no groups) is dropped silently; owners,
+//!   times and xattrs are not read.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -242,18 +244,31 @@ impl Noted {
         }
     }
 
-    fn warning(&self, what: &str, layer: &str) -> Option<String> {
+    /// `"{verb} {count} {what} in layer {layer} ({paths}){why}"`, when anything was noted.
+    fn warning(&self, verb: &str, what: &str, layer: &str, why: &str) -> Option<String> {
         (self.count > 0).then(|| {
             let more = if self.count > self.paths.len() { ", …" } else { "" };
-            format!("{} {what} in layer {layer} ({}{more})", self.count, self.paths.join(", "))
+            let paths = self.paths.join(", ");
+            format!("{verb} {} {what} in layer {layer} ({paths}{more}){why}", self.count)
         })
     }
 }
+
+/// Longest entry path accepted: Linux's `PATH_MAX`. It also bounds the depth
+/// of the recursive tree code below.
+const PATH_MAX: usize = 4096;
 
 /// Splits an entry path into validated components: no leading `/` or `./`,
 /// no `.` parts; `..` refuses the layer.
 fn components(raw: &[u8], layer: &str) -> Result<Vec<PathComponent>, ImportError> {
     let shown = || String::from_utf8_lossy(raw).into_owned();
+    if raw.len() > PATH_MAX {
+        return Err(ImportError::InvalidEntry {
+            layer: layer.to_string(),
+            entry: format!("{}…", String::from_utf8_lossy(&raw[..64])),
+            reason: format!("its path has {} bytes, more than {PATH_MAX}", raw.len()),
+        });
+    }
     let mut out = Vec::new();
     for part in raw.split(|&b| b == b'/') {
         match part {
@@ -370,7 +385,16 @@ pub fn apply(
             }
             tar::EntryType::Link => {
                 let raw = entry.link_name_bytes().unwrap_or_default().into_owned();
-                let target = components(&raw, layer)?;
+                let target = components(&raw, layer).map_err(|e| match e {
+                    ImportError::Escape { .. } => invalid(
+                        &path,
+                        format!(
+                            "its hard-link target `{}` escapes the image root",
+                            String::from_utf8_lossy(&raw)
+                        ),
+                    ),
+                    other => other,
+                })?;
                 let missing = || ImportError::MissingLinkTarget {
                     layer: layer.to_string(),
                     entry: display(&path),
@@ -402,11 +426,13 @@ pub fn apply(
     let tree = store_dir(store, root, &mut path, &deletions, &mut view)?;
     let warnings = [
         special.warning(
-            "device nodes and fifos skipped (a rootless container cannot create them)",
+            "skipped",
+            "device nodes and fifos",
             layer,
+            ": a rootless container cannot create them",
         ),
-        privileged.warning("files lost their setuid/setgid bits", layer),
-        unknown.warning("entries of unsupported tar types skipped", layer),
+        privileged.warning("dropped the setuid/setgid bits of", "files", layer, ""),
+        unknown.warning("skipped", "entries of unknown tar types", layer, ""),
     ]
     .into_iter()
     .flatten()

@@ -44,6 +44,9 @@ impl std::fmt::Display for Sha256 {
     }
 }
 
+/// A file of the layout and its size.
+type SizedReader = (Box<dyn Read>, u64);
+
 /// An opened layout or archive.
 pub struct Source {
     kind: Kind,
@@ -170,7 +173,7 @@ impl Source {
     }
 
     /// Opens the file at `rel` (a layout-relative path) and returns it with its size.
-    fn open_file(&self, rel: &str) -> Result<Option<(Box<dyn Read>, u64)>, ImportError> {
+    fn open_file(&self, rel: &str) -> Result<Option<SizedReader>, ImportError> {
         match &self.kind {
             Kind::Layout(dir) => {
                 let path = dir.join(rel);
@@ -269,8 +272,16 @@ fn list_archive(path: &Path) -> Result<HashMap<String, (u64, u64)>, ImportError>
     let mut archive = tar::Archive::new(file);
     let mut out = HashMap::new();
     let entries = archive.entries_with_seek().map_err(|e| not_archive(e.to_string()))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| not_archive(format!("not a readable tar: {e}")))?;
+    for (i, entry) in entries.enumerate() {
+        let entry = entry.map_err(|e| {
+            // The tar crate's first-header errors ("numeric field was not a
+            // number") say nothing useful to a user who passed the wrong file.
+            not_archive(if i == 0 {
+                "it is not a tar file".into()
+            } else {
+                format!("tar entry {} cannot be read: {e}", i + 1)
+            })
+        })?;
         let kind = entry.header().entry_type();
         if kind.is_file() || kind == tar::EntryType::Continuous {
             let rel = normalise(&entry.path_bytes());
