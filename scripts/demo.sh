@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the default recipe: installs the compilers the demo needs
-# (musl-tools, and gcc-aarch64-linux-gnu for linux/arm64), then builds
-# recipes/hello in the rootless sandbox and writes its two-platform image as
-# an OCI layout in ./hello-oci (inspect it with `skopeo inspect oci:hello-oci:hello`).
+# (musl-tools, and gcc-aarch64-linux-gnu for linux/arm64), builds recipes/hello
+# in the rootless sandbox, writes its two-platform image as an OCI layout in
+# ./hello-oci (inspect it with `skopeo inspect oci:hello-oci:hello`), then
+# runs the image with pkg's rootless launcher: no daemon, no root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,3 +21,4 @@ fi
 
 cargo run --release -- build recipes/hello -o oci:hello-oci
 cargo run --release -q -- graph recipes/hello
+cargo run --release -q -- run hello

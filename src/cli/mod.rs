@@ -41,7 +41,7 @@ pub struct GlobalArgs {
     /// Print less: only results and errors
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
-    /// Print more about what pkg is doing (repeat for more)
+    /// Print more about what pkg is doing (repeat for more; `-v` before the command)
     #[arg(long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// `-v` is `--verbose` before the command only: after it, `pkg run -v`
@@ -64,6 +64,9 @@ pub enum ColorChoice {
 pub enum Command {
     /// Build every package the recipe's images need, each in a hermetic sandbox
     Build(build::BuildArgs),
+    /// Run an image rootless, like `docker run`: a recipe (built first), an
+    /// image in the store, oci:DIR[:REF] or oci-archive:FILE[:REF]
+    Run(run::RunArgs),
     /// Download every source of a recipe into the store, for offline builds
     Fetch(build::FetchArgs),
     /// Print the build graph of a recipe: images, packages and their dependencies
@@ -75,9 +78,6 @@ pub enum Command {
         /// The shell to complete for
         shell: clap_complete::Shell,
     },
-    /// Run an image rootless, like `docker run`: a recipe (built first), an
-    /// image in the store, oci:DIR[:REF] or oci-archive:FILE[:REF]
-    Run(run::RunArgs),
     /// List the images recorded in the store: name, platforms, digest, size
     Images(images::ImagesArgs),
     /// Assemble an OCI image from package trees already in the store (plumbing)

@@ -201,7 +201,7 @@ fn from_recipe(
         )
         .into());
     }
-    // Build only the platform that will run, so `pkg run` stays quick.
+    // As `pkg build` would: the image's platforms, or only `--platform`.
     let platforms = platform.into_iter().collect();
     let target = super::TargetArgs { recipe: recipe.clone(), images: Vec::new(), platforms };
     let quiet = Settings { quiet: true, ..settings.clone() };

@@ -41,7 +41,11 @@ pub struct RootView<'s> {
 impl<'s> RootView<'s> {
     /// `layers` in OCI order: the base layer first.
     pub fn new(store: &'s Store, layers: &[Digest]) -> Self {
-        RootView { store, layers: layers.iter().rev().copied().collect(), trees: RefCell::default() }
+        RootView {
+            store,
+            layers: layers.iter().rev().copied().collect(),
+            trees: RefCell::default(),
+        }
     }
 
     /// What `path` names (absolute, or relative to `/`), following symlinks.
