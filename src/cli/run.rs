@@ -165,13 +165,8 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
             (store, image)
         }
     };
-    let scratch = tempfile::Builder::new()
-        .prefix("pkg-run.")
-        .tempdir()
-        .map_err(|e| miette::miette!("cannot create a scratch directory: {e}"))?;
-    let spec = crate::run::prepare(&store, &image, &options, &host, scratch.path())?;
+    let spec = crate::run::prepare(&store, &image, &options, &host)?;
     let status = Sandbox::new().run_forwarding(&spec);
-    drop(scratch);
     match status {
         Ok(status) => Ok(ExitCode::from(status.code().clamp(0, 255) as u8)),
         Err(error) => {

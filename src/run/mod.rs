@@ -26,7 +26,7 @@ pub mod user;
 pub mod view;
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::digest::Digest;
 use crate::image::{AssembledImage, ImageError};
@@ -70,12 +70,6 @@ pub enum RunError {
     NoEmulator { image: String, platform: String, host: String, emulator: String },
     #[error("`{program}` {failure} in image `{image}`")]
     Exec { image: String, program: String, failure: ExecFailure },
-    #[error("cannot write {}", path.display())]
-    Scratch {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 impl RunError {
@@ -256,14 +250,12 @@ pub struct RunHost {
     pub term: Option<String>,
 }
 
-/// The sandbox that runs `image` with `options`. `scratch` is a private
-/// directory that must outlive the run (it holds the generated `/etc/hosts`).
+/// The sandbox that runs `image` with `options`.
 pub fn prepare(
     store: &Store,
     image: &RunImage,
     options: &RunOptions,
     host: &RunHost,
-    scratch: &Path,
 ) -> Result<SandboxSpec> {
     let view = RootView::new(store, &image.layers);
     let user_spec = options.user.as_deref().or(image.config.user.as_deref()).unwrap_or("");
@@ -304,6 +296,7 @@ pub fn prepare(
     }
 
     let mut mounts = Vec::new();
+    let mut files = Vec::new();
     if let Some(emulator) = emulator_for(image, host)? {
         let path = env_vars.iter().find(|(n, _)| n == "PATH").map(|(_, v)| v.as_str());
         let program = find_program(&view, image, &argv[0], path, workdir)?;
@@ -330,13 +323,10 @@ pub fn prepare(
             Network::Host
         }
         NetworkMode::None => {
-            let hosts = scratch.join("hosts");
-            let text = format!(
+            let hosts = format!(
                 "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
             );
-            std::fs::write(&hosts, text)
-                .map_err(|source| RunError::Scratch { path: hosts.clone(), source })?;
-            mounts.push(Mount::bind_ro(hosts, "/etc/hosts"));
+            files.push((PathBuf::from("/etc/hosts"), hosts.into_bytes()));
             Network::None
         }
     };
@@ -352,6 +342,7 @@ pub fn prepare(
     spec.root = RootFs::Overlay { layers };
     spec.network = network;
     spec.mounts = mounts;
+    spec.files = files;
     spec.hostname = Some(hostname);
     spec.env = env_vars;
     spec.cwd = PathBuf::from(workdir);

@@ -112,6 +112,10 @@ pub struct SandboxSpec {
     pub root: RootFs,
     /// Bind and tmpfs mounts, applied parents first whatever their order.
     pub mounts: Vec<Mount>,
+    /// Files (absolute path, contents) written into the new root after the
+    /// mounts, mode 0644, parents created as needed; on an overlay root they
+    /// land in the upper layer and vanish with the sandbox.
+    pub files: Vec<(PathBuf, Vec<u8>)>,
     /// `None` keeps the (new UTS namespace's copy of the) host's hostname.
     pub hostname: Option<String>,
     /// The workload's whole environment, in order; nothing else is passed.
@@ -139,6 +143,7 @@ impl SandboxSpec {
             network: Network::None,
             root: RootFs::Tmpfs,
             mounts: Vec::new(),
+            files: Vec::new(),
             hostname: None,
             env: Vec::new(),
             cwd: PathBuf::from("/"),

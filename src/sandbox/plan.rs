@@ -81,6 +81,11 @@ pub enum Step {
     Mkdir(CString),
     /// Create an empty file as a mount point; an existing one is fine.
     Touch(CString),
+    /// Replace a regular file's contents.
+    WriteFile {
+        path: CString,
+        contents: Vec<u8>,
+    },
     Symlink {
         target: CString,
         link: CString,
@@ -116,6 +121,9 @@ impl fmt::Display for Step {
             Step::Detach(target) => write!(f, "detach {}", s(target)),
             Step::Mkdir(path) => write!(f, "create directory {}", s(path)),
             Step::Touch(path) => write!(f, "create file {}", s(path)),
+            Step::WriteFile { path, contents } => {
+                write!(f, "write {} bytes to {}", contents.len(), s(path))
+            }
             Step::Symlink { target, link } => write!(f, "link {} -> {}", s(link), s(target)),
             Step::PivotRoot { new_root, put_old } => {
                 write!(f, "pivot_root to {} (old root at {})", s(new_root), s(put_old))
@@ -443,6 +451,12 @@ impl Plan {
             }
         }
 
+        for (path, contents) in &spec.files {
+            let parts = absolute_components(path, "file")?;
+            let target = b.mount_point(&parts, SourceKind::File)?;
+            b.push(Step::WriteFile { path: target, contents: contents.clone() });
+        }
+
         let cwd_parts = absolute_components(&spec.cwd, "working directory")?;
         b.mount_point(&cwd_parts, SourceKind::Directory)?;
 
@@ -554,6 +568,7 @@ pub fn run_steps(sys: &impl Syscall, steps: &[Step]) -> Result<(), StepFailure> 
                 other => other,
             },
             Step::Touch(path) => sys.touch(path),
+            Step::WriteFile { path, contents } => sys.write_file(path, contents),
             Step::Symlink { target, link } => match sys.symlink(target, link) {
                 Err(Errno::EEXIST) => Ok(()),
                 other => other,

@@ -94,6 +94,9 @@ pub trait Syscall {
     fn mkdir(&self, path: &CStr, mode: u32) -> SysResult<()>;
     /// Creates an empty regular file unless something exists at `path`.
     fn touch(&self, path: &CStr) -> SysResult<()>;
+    /// Replaces the contents of the regular file at `path` (not following
+    /// a final symlink) with `contents`.
+    fn write_file(&self, path: &CStr, contents: &[u8]) -> SysResult<()>;
     fn symlink(&self, target: &CStr, link: &CStr) -> SysResult<()>;
     fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> SysResult<()>;
     fn chdir(&self, path: &CStr) -> SysResult<()>;
@@ -211,6 +214,29 @@ impl Syscall for LinuxSyscall {
         }
         self.close(fd);
         Ok(())
+    }
+
+    fn write_file(&self, path: &CStr, contents: &[u8]) -> SysResult<()> {
+        let flags = libc::O_WRONLY | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: `path` is a valid NUL-terminated string; the returned
+        // descriptor is owned here and closed before returning.
+        let fd = unsafe { libc::open(path.as_ptr(), flags) };
+        if fd == -1 {
+            return Err(Errno::last());
+        }
+        let mut written = 0;
+        let result = loop {
+            if written == contents.len() {
+                break Ok(());
+            }
+            match self.write(fd, &contents[written..]) {
+                Ok(0) => break Err(Errno::EIO),
+                Ok(n) => written += n,
+                Err(errno) => break Err(errno),
+            }
+        };
+        self.close(fd);
+        result
     }
 
     fn symlink(&self, target: &CStr, link: &CStr) -> SysResult<()> {

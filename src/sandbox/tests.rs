@@ -100,6 +100,9 @@ impl Syscall for Recorder {
     fn touch(&self, path: &CStr) -> SysResult<()> {
         self.record(format!("touch {}", text(path)))
     }
+    fn write_file(&self, path: &CStr, contents: &[u8]) -> SysResult<()> {
+        self.record(format!("write {} {:?}", text(path), String::from_utf8_lossy(contents)))
+    }
     fn symlink(&self, target: &CStr, link: &CStr) -> SysResult<()> {
         self.record(format!("symlink {} -> {}", text(link), text(target)))
     }
@@ -304,6 +307,18 @@ fn binds_read_host_paths_through_the_old_root_and_read_only_ones_are_sealed() {
 }
 
 #[test]
+fn files_are_written_inside_the_new_root_once_the_host_root_is_detached() {
+    let mut spec = build_spec();
+    spec.files = vec![("/etc/hosts".into(), b"127.0.0.1 localhost\n".to_vec())];
+    let sys = recorded(&plan(&spec).steps);
+    let detached = sys.position("umount /oldroot");
+    let touch = sys.position("touch /newroot/etc/hosts");
+    let write = sys.position("write /newroot/etc/hosts \"127.0.0.1 localhost\\n\"");
+    assert!(detached < touch && touch < write);
+    assert!(write < sys.position("pivot_root . ."));
+}
+
+#[test]
 fn proc_and_dev_are_fresh() {
     let sys = recorded(&plan(&build_spec()).steps);
     sys.position("mount proc /newroot/proc proc MS_NOSUID | MS_NODEV | MS_NOEXEC -");
@@ -470,13 +485,14 @@ fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
     assert_eq!(run_launcher(&sys, &p), 3);
     let calls = sys.calls();
     assert_eq!(
-        &calls[..6],
+        &calls[..7],
         [
             "close_range 3 9",
             "close_range 11 11",
             "close_range 13 99",
             "close_range 102 2147483647",
             "reset_signal_handlers",
+            "kill_with_parent",
             "read 100"
         ]
     );

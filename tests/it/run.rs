@@ -196,6 +196,37 @@ rootless_test! {
 }
 
 rootless_test! {
+    fn killing_pkg_run_kills_the_sandbox() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let data = ctx.root().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let volume = format!("{}:/data", data.display());
+        // Bounded, so that a leftover sandbox ends by itself and the test fails instead of hanging.
+        let script =
+            "echo ready; i=0; while [ $i -lt 300 ]; do i=$((i+1)); echo $i > /data/tick; sleep 0.02; done";
+        let mut child = ctx
+            .pkg()
+            .args(["run", "-v", &volume, &image, "sh", "-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn pkg run");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().transpose().unwrap().as_deref(), Some("ready"));
+        child.kill().unwrap(); // SIGKILL: pkg cannot forward or clean up
+        child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let tick = std::fs::read_to_string(data.join("tick")).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            std::fs::read_to_string(data.join("tick")).unwrap(),
+            tick,
+            "the workload kept running after pkg run was killed"
+        );
+    }
+}
+
+rootless_test! {
     fn orphans_are_reaped_and_nothing_outlives_the_run() {
         let ctx = TestContext::new();
         let image = busybox_image(&ctx);
