@@ -6,6 +6,7 @@
 //! the workload starts; 126 when it cannot be executed; 127 when not found.
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -82,8 +83,9 @@ enum Target {
 }
 
 impl Target {
-    /// `oci:` and `oci-archive:` prefixes, then an existing path or one that
-    /// looks like a path (a recipe), then an image name.
+    /// `oci:` and `oci-archive:` prefixes; then a recipe: a `.kdl` file, a
+    /// directory holding `pkg.kdl`, a path starting with `.`, or an existing
+    /// path with a `/` in it; else an image name (which may hold `/` too).
     fn parse(text: &str, cwd: &Path) -> Target {
         let split = |rest: &str| -> (PathBuf, Option<String>) {
             let whole = cwd.join(rest);
@@ -100,10 +102,10 @@ impl Target {
         } else if let Some(rest) = text.strip_prefix("oci-archive:") {
             let (file, reference) = split(rest);
             Target::Archive { file, reference }
-        } else if cwd.join(text).exists()
-            || text.ends_with(".kdl")
+        } else if text.ends_with(".kdl")
+            || text.contains('/') && cwd.join(text).exists()
             || text.starts_with('.')
-            || text.starts_with('/')
+            || cwd.join(text).join("pkg.kdl").is_file()
         {
             Target::Recipe(cwd.join(text))
         } else {
@@ -165,8 +167,9 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
             (store, image)
         }
     };
-    let spec = crate::run::prepare(&store, &image, &options, &host)?;
-    let status = Sandbox::new().run_forwarding(&spec);
+    let prepared = crate::run::prepare(&store, &image, &options, &host)?;
+    let status = Sandbox::new().run_forwarding(&prepared.spec);
+    drop(prepared.leases);
     match status {
         Ok(status) => Ok(ExitCode::from(status.code().clamp(0, 255) as u8)),
         Err(error) => {
@@ -263,20 +266,7 @@ fn foreign(
             eprintln!("warning: {warning}");
         }
     }
-    let config_path = store.oci_blob_path(&imported.config.digest);
-    let bytes = std::fs::read(&config_path).map_err(|e| {
-        miette::miette!("cannot read the image configuration {}: {e}", config_path.display())
-    })?;
-    let name = args.target.clone();
-    let config = crate::run::RuntimeConfig::from_json(&bytes)
-        .map_err(|reason| RunError::BadConfig { image: name.clone(), reason })?;
-    Ok(RunImage {
-        name,
-        id: imported.manifest,
-        platform: imported.platform,
-        config,
-        layers: imported.layers,
-    })
+    Ok(RunImage::from_imported(store, &args.target, imported)?)
 }
 
 /// What this machine offers the sandbox.
@@ -349,6 +339,7 @@ fn options(args: &RunArgs, settings: &Settings) -> Result<RunOptions, Failure> {
         hostname: args.hostname.clone(),
         interactive: args.interactive,
         tty: args.tty,
+        foreground: args.tty || (args.interactive && std::io::stdin().is_terminal()),
     })
 }
 

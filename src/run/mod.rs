@@ -26,15 +26,16 @@ pub mod user;
 pub mod view;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
 use crate::image::{AssembledImage, ImageError};
 use crate::platform::{Arch, Platform};
 use crate::sandbox::{
-    ExecFailure, IdMapping, Mount, Network, RootFs, SandboxSpec, Stdio, StdioSource,
+    ExecFailure, IdMapping, IdRange, MapMethod, Mount, Network, RootFs, SandboxSpec, Stdio,
+    StdioSource,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{CheckoutLease, Store, StoreError};
 use crate::tool::HostTools;
 use view::{Found, RootView};
 
@@ -62,10 +63,12 @@ pub enum RunError {
     NoCommand { image: String },
     #[error("image `{image}`: {reason}")]
     User { image: String, reason: user::UserError },
+    #[error("a volume cannot replace the container's root directory")]
+    VolumeOnRoot,
     #[error("the working directory must be an absolute path, not `{0}`")]
     RelativeWorkdir(String),
     #[error(
-        "image `{image}` is {platform} but this machine is {host}, and neither {emulator}-static nor {emulator} (qemu-user) is installed"
+        "image `{image}` is {platform} but this machine is {host}, and {emulator} (qemu-user) is not installed"
     )]
     NoEmulator { image: String, platform: String, host: String, emulator: String },
     #[error("`{program}` {failure} in image `{image}`")]
@@ -135,6 +138,29 @@ pub struct RunImage {
 }
 
 impl RunImage {
+    /// A foreign image ingested by [`crate::image::import`], named `name`.
+    pub fn from_imported(
+        store: &Store,
+        name: &str,
+        imported: crate::image::import::Imported,
+    ) -> Result<Self> {
+        let path = store.oci_blob_path(&imported.config.digest);
+        let bytes = std::fs::read(&path).map_err(|e| StoreError::Io {
+            action: "read",
+            path: path.clone(),
+            source: e,
+        })?;
+        let config = RuntimeConfig::from_json(&bytes)
+            .map_err(|reason| RunError::BadConfig { image: name.to_string(), reason })?;
+        Ok(RunImage {
+            name: name.to_string(),
+            id: imported.manifest,
+            platform: imported.platform,
+            config,
+            layers: imported.layers,
+        })
+    }
+
     /// The platform variant of an image assembled by pkg: `wanted`, else the
     /// host's, else its only one.
     pub fn from_assembled(
@@ -223,6 +249,11 @@ pub struct RunOptions {
     pub interactive: bool,
     /// The caller's terminal is passed through (`-t`); sets `TERM`.
     pub tty: bool,
+    /// The workload reads the caller's terminal (`-t`, or `-i` on a
+    /// terminal), so it stays in the caller's process group for job control;
+    /// otherwise it gets a group of its own and signals reach it only
+    /// forwarded, once.
+    pub foreground: bool,
 }
 
 /// Subordinate id ranges the caller may map, with the helpers that map them.
@@ -250,13 +281,21 @@ pub struct RunHost {
     pub term: Option<String>,
 }
 
+/// A sandbox ready to start, and the leases on its layers' checkouts: keep
+/// them until the sandbox has ended, so `gc` cannot remove a mounted layer.
+#[derive(Debug)]
+pub struct Prepared {
+    pub spec: SandboxSpec,
+    pub leases: Vec<CheckoutLease>,
+}
+
 /// The sandbox that runs `image` with `options`.
 pub fn prepare(
     store: &Store,
     image: &RunImage,
     options: &RunOptions,
     host: &RunHost,
-) -> Result<SandboxSpec> {
+) -> Result<Prepared> {
     let view = RootView::new(store, &image.layers);
     let user_spec = options.user.as_deref().or(image.config.user.as_deref()).unwrap_or("");
     let user = resolve_user(&view, image, user_spec)?;
@@ -304,38 +343,47 @@ pub fn prepare(
         let argv0 = std::mem::replace(&mut argv[0], program);
         argv.splice(0..0, [EMULATOR_PATH.to_string(), "-0".into(), argv0]);
     }
-    for volume in &options.volumes {
-        mounts.push(if volume.read_only {
-            Mount::bind_ro(&volume.host, &volume.container)
-        } else {
-            Mount::bind_rw(&volume.host, &volume.container)
-        });
-    }
+    // What a volume covers is the user's: no host or generated file there.
+    let covered =
+        |target: &str| options.volumes.iter().any(|v| Path::new(target).starts_with(&v.container));
     let network = match options.network {
         NetworkMode::Host => {
             for (file, target) in
                 [(&host.resolv_conf, "/etc/resolv.conf"), (&host.hosts, "/etc/hosts")]
             {
-                if let Some(file) = file {
+                if let Some(file) = file.as_ref().filter(|_| !covered(target)) {
                     mounts.push(Mount::bind_ro(file, target));
                 }
             }
             Network::Host
         }
         NetworkMode::None => {
-            let hosts = format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
-            );
-            files.push((PathBuf::from("/etc/hosts"), hosts.into_bytes()));
+            if !covered("/etc/hosts") {
+                let hosts = format!(
+                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+                );
+                files.push((PathBuf::from("/etc/hosts"), hosts.into_bytes()));
+            }
             Network::None
         }
     };
+    for volume in &options.volumes {
+        if volume.container == Path::new("/") {
+            return Err(RunError::VolumeOnRoot);
+        }
+        mounts.push(if volume.read_only {
+            Mount::bind_ro(&volume.host, &volume.container)
+        } else {
+            Mount::bind_rw(&volume.host, &volume.container)
+        });
+    }
 
-    let layers = image
+    let leases = image
         .layers
         .iter()
         .map(|tree| store.shared_checkout(tree))
         .collect::<Result<Vec<_>, _>>()?;
+    let layers = leases.iter().map(|lease| lease.path().to_path_buf()).collect();
     let (id_mapping, switch_to) = id_mapping(host, &user);
     let mut spec = SandboxSpec::new(id_mapping, argv.into_iter().map(OsString::from).collect());
     spec.user = switch_to;
@@ -352,7 +400,8 @@ pub fn prepare(
         stderr: StdioSource::Inherit,
     };
     spec.new_session = false;
-    Ok(spec)
+    spec.own_process_group = !options.foreground;
+    Ok(Prepared { spec, leases })
 }
 
 fn resolve_user(view: &RootView<'_>, image: &RunImage, spec: &str) -> Result<user::User> {
@@ -368,22 +417,43 @@ fn resolve_user(view: &RootView<'_>, image: &RunImage, spec: &str) -> Result<use
 }
 
 /// The caller's mapping and the user the workload switches to, if any.
+///
+/// The caller's own uid and gid always become the user's, so the image's
+/// files (which the store keeps without owners, as the caller's) belong to
+/// the user that runs, whatever it is. With a subordinate range, every other
+/// id inside (root included, when the user is not root) comes from the
+/// range, in order, as with podman's `--userns=keep-id`.
 fn id_mapping(host: &RunHost, user: &user::User) -> (IdMapping, Option<(u32, u32)>) {
-    match &host.subordinate {
-        // Ids 1..=count exist inside; the user must be one of them (or root).
-        Some(sub) if user.uid <= sub.uids.1 && user.gid <= sub.gids.1 => (
-            IdMapping::subordinate(
-                host.uid,
-                host.gid,
-                sub.uids,
-                sub.gids,
-                sub.newuidmap.clone(),
-                sub.newgidmap.clone(),
-            ),
-            (user.uid != 0 || user.gid != 0).then_some((user.uid, user.gid)),
-        ),
-        _ => (IdMapping::single(user.uid, user.gid, host.uid, host.gid), None),
+    let single = || (IdMapping::single(user.uid, user.gid, host.uid, host.gid), None);
+    let Some(sub) = &host.subordinate else { return single() };
+    let (Some(uids), Some(gids)) =
+        (around(user.uid, host.uid, sub.uids), around(user.gid, host.gid, sub.gids))
+    else {
+        return single();
+    };
+    let method =
+        MapMethod::Helpers { newuidmap: sub.newuidmap.clone(), newgidmap: sub.newgidmap.clone() };
+    // Switching to the same ids drops the caller's supplementary groups.
+    let switch_to = (user.uid != 0 || user.gid != 0).then_some((user.uid, user.gid));
+    (IdMapping { uids, gids, method }, switch_to)
+}
+
+/// Inside id `id` is the caller's `own`; inside ids `0..id` and
+/// `id+1..=count` come from the subordinate range `(start, count)`, in order.
+/// `None` when the range is too small to reach `id`.
+fn around(id: u32, own: u32, (start, count): (u32, u32)) -> Option<Vec<IdRange>> {
+    if id > count {
+        return None;
     }
+    let mut ranges = Vec::new();
+    if id > 0 {
+        ranges.push(IdRange { inside: 0, outside: start, count: id });
+    }
+    ranges.push(IdRange { inside: id, outside: own, count: 1 });
+    if count > id {
+        ranges.push(IdRange { inside: id + 1, outside: start + id, count: count - id });
+    }
+    Some(ranges)
 }
 
 /// The host emulator an image of another architecture needs, if it needs one.
@@ -392,17 +462,15 @@ fn emulator_for(image: &RunImage, host: &RunHost) -> Result<Option<PathBuf>> {
     if arch == host_arch || (arch == Arch::I386 && host_arch == Arch::Amd64) {
         return Ok(None);
     }
-    let emulator = format!("qemu-{}", qemu_name(arch));
-    [format!("{emulator}-static"), emulator.clone()]
-        .iter()
-        .find_map(|name| host.tools.which(name))
-        .map(Some)
-        .ok_or_else(|| RunError::NoEmulator {
-            image: image.name.clone(),
-            platform: image.platform.to_string(),
-            host: host.platform.to_string(),
-            emulator,
-        })
+    // Only a static emulator: a dynamic one would look for its libraries
+    // inside the foreign image.
+    let emulator = format!("qemu-{}-static", qemu_name(arch));
+    host.tools.which(&emulator).map(Some).ok_or_else(|| RunError::NoEmulator {
+        image: image.name.clone(),
+        platform: image.platform.to_string(),
+        host: host.platform.to_string(),
+        emulator,
+    })
 }
 
 /// qemu-user's name for an architecture.
@@ -448,4 +516,28 @@ fn find_program(
         }
     }
     Err(RunError::Exec { image: image.name.clone(), program: program.to_string(), failure })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(list: &[(u32, u32, u32)]) -> Vec<IdRange> {
+        list.iter().map(|&(inside, outside, count)| IdRange { inside, outside, count }).collect()
+    }
+
+    #[test]
+    fn the_caller_becomes_the_user_and_the_range_fills_the_other_ids() {
+        let range = (100_000, 65_536);
+        assert_eq!(around(0, 1000, range), Some(ranges(&[(0, 1000, 1), (1, 100_000, 65_536)])));
+        assert_eq!(
+            around(65_532, 1000, range),
+            Some(ranges(&[(0, 100_000, 65_532), (65_532, 1000, 1), (65_533, 165_532, 4)]))
+        );
+        assert_eq!(
+            around(65_536, 1000, range),
+            Some(ranges(&[(0, 100_000, 65_536), (65_536, 1000, 1)]))
+        );
+        assert_eq!(around(65_537, 1000, range), None, "beyond the range: one id only");
+    }
 }

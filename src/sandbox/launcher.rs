@@ -65,7 +65,8 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     // The caller's handlers must never run here: the launcher only takes
     // its (blocked) signals with sigwaitinfo.
     sys.reset_signal_handlers();
-    if sys.kill_with_parent().is_err() || channel.wait_for_mapping(sys).is_err() {
+    let grouped = !launch.plan.exec.own_process_group || sys.new_process_group().is_ok();
+    if !grouped || sys.kill_with_parent().is_err() || channel.wait_for_mapping(sys).is_err() {
         sys.exit(SETUP_FAILED);
     }
     if let Err(failure) = run_steps(sys, &launch.plan.steps) {
@@ -105,7 +106,10 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     for fd in launch.stdio.into_iter().flatten() {
         sys.close(fd);
     }
-    match channel::wait_for_workload_exec(sys, exec_read) {
+    let exec = channel::wait_for_workload_exec(sys, exec_read);
+    // Closed before the report, so the caller never sees it held.
+    sys.close(exec_read);
+    match exec {
         Ok(()) => channel.report(sys, Report::Started),
         Err(WorkloadFailure { step: LaunchStep::Exec, errno }) => {
             channel.report(sys, Report::ExecFailed { errno })
@@ -114,7 +118,6 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
             channel.report(sys, Report::SetupFailed { step, errno })
         }
     }
-    sys.close(exec_read);
 
     let status = supervise(sys, workload, launch.signals, launch.plan.exec.new_session);
     channel.report(sys, Report::Exited { wait_status: status });

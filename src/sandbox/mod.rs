@@ -131,6 +131,10 @@ pub struct SandboxSpec {
     /// (builds). `false` keeps the caller's session and process group, so a
     /// terminal passes through with job control (`pkg run`).
     pub new_session: bool,
+    /// Put the launcher (and so the workload) in a process group of its own
+    /// (`pkg run` without a terminal): a signal sent to the caller's whole
+    /// group then reaches the workload once, forwarded, not twice.
+    pub own_process_group: bool,
 }
 
 impl SandboxSpec {
@@ -151,6 +155,7 @@ impl SandboxSpec {
             stdio: Stdio::inherit(),
             umask: 0o022,
             new_session: false,
+            own_process_group: false,
         }
     }
 }
@@ -385,7 +390,10 @@ impl Sandbox {
     /// signal proxy; see [`sys::forward`]).
     pub fn run_forwarding(&self, spec: &SandboxSpec) -> Result<ExitStatus, SandboxError> {
         use nix::sys::wait::{Id, WaitPidFlag, waitid};
-        let forwarder = sys::forward::Forwarder::install(&launcher::FORWARDED)
+        // In the caller's process group, the terminal's signals reach the
+        // workload directly; in its own, only what is forwarded does.
+        let forward_kernel = spec.own_process_group;
+        let forwarder = sys::forward::Forwarder::install(&launcher::FORWARDED, forward_kernel)
             .map_err(SandboxError::Forward)?;
         let running = self.spawn(spec)?;
         let pid = running.pid.expect("a running sandbox has a launcher");

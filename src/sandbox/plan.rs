@@ -167,6 +167,8 @@ pub struct ExecPlan {
     pub program: String,
     /// Start the workload in a new session, away from the caller's terminal.
     pub new_session: bool,
+    /// The launcher starts a process group of its own.
+    pub own_process_group: bool,
 }
 
 /// Process ids the workload switches to before exec.
@@ -349,6 +351,12 @@ impl Plan {
                     (0..layers.len()).rev().map(|i| format!("/layers/{i}")).collect();
                 let data = format!("lowerdir={},upperdir=/upper,workdir=/work", lower.join(":"));
                 b.mount("overlay", new_root, "overlay", nosuid_nodev, &data);
+                // The overlay holds its own references to its layers: detach
+                // the writable binds of the (shared) layer directories, so no
+                // later path, however an image's symlinks point, reaches them.
+                for i in 0..layers.len() {
+                    b.push(Step::Detach(CString::new(format!("/layers/{i}")).expect("digits")));
+                }
             }
         }
 
@@ -381,6 +389,11 @@ impl Plan {
                 flags: MsFlags::MS_BIND | MsFlags::MS_REC,
                 data: None,
             });
+            // Read-only from the start: mount points are created while the
+            // staging root is the root, and must not be able to write here.
+            if matches!(mount.kind, MountKind::Bind { read_only: true, .. }) {
+                b.push(Step::SetReadOnly(stage.clone()));
+            }
             staged.push(Some((stage, resolved.kind)));
         }
 
@@ -451,21 +464,26 @@ impl Plan {
             }
         }
 
-        for (path, contents) in &spec.files {
-            let parts = absolute_components(path, "file")?;
-            let target = b.mount_point(&parts, SourceKind::File)?;
-            b.push(Step::WriteFile { path: target, contents: contents.clone() });
-        }
-
-        let cwd_parts = absolute_components(&spec.cwd, "working directory")?;
-        b.mount_point(&cwd_parts, SourceKind::Directory)?;
-
         b.push(Step::Chdir(CString::new(NEW_ROOT).expect("static")));
         // pivot_root(".", ".") stacks the staging root on top of the new
         // one; detaching "." then removes the staging root.
         b.push(Step::PivotRoot { new_root: c".".into(), put_old: c".".into() });
         b.push(Step::Detach(c".".into()));
         b.push(Step::Chdir(c"/".into()));
+
+        // In the final root, where an image's symlinks resolve inside it.
+        for (path, contents) in &spec.files {
+            let parts = absolute_components(path, "file")?;
+            for depth in 1..parts.len() {
+                b.push(Step::Mkdir(path_cstring(&under("/", &parts[..depth]))?));
+            }
+            let path = path_cstring(&under("/", &parts))?;
+            b.push(Step::WriteFile { path, contents: contents.clone() });
+        }
+        let cwd_parts = absolute_components(&spec.cwd, "working directory")?;
+        for depth in 1..=cwd_parts.len() {
+            b.push(Step::Mkdir(path_cstring(&under("/", &cwd_parts[..depth]))?));
+        }
 
         if let Some(hostname) = &spec.hostname {
             b.push(Step::SetHostname(cstring(hostname.as_bytes(), "hostname")?));
@@ -540,6 +558,7 @@ fn exec_plan(spec: &SandboxSpec) -> Result<ExecPlan, SandboxError> {
         credentials,
         program: program.to_string_lossy().into_owned(),
         new_session: spec.new_session,
+        own_process_group: spec.own_process_group,
     })
 }
 

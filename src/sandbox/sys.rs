@@ -94,8 +94,7 @@ pub trait Syscall {
     fn mkdir(&self, path: &CStr, mode: u32) -> SysResult<()>;
     /// Creates an empty regular file unless something exists at `path`.
     fn touch(&self, path: &CStr) -> SysResult<()>;
-    /// Replaces the contents of the regular file at `path` (not following
-    /// a final symlink) with `contents`.
+    /// Creates (mode 0644) or truncates the file at `path` and writes `contents`.
     fn write_file(&self, path: &CStr, contents: &[u8]) -> SysResult<()>;
     fn symlink(&self, target: &CStr, link: &CStr) -> SysResult<()>;
     fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> SysResult<()>;
@@ -137,6 +136,8 @@ pub trait Syscall {
     fn wait_signal(&self, set: &SigSet) -> SysResult<ReceivedSignal>;
     /// Starts a new session (and process group) without a controlling terminal.
     fn new_session(&self) -> SysResult<()>;
+    /// Makes the calling process the leader of a new process group.
+    fn new_process_group(&self) -> SysResult<()>;
     /// `waitpid(pid, WNOHANG?)`: `Ok(None)` when nothing is ready.
     fn wait_pid(&self, pid: Pid, nohang: bool) -> SysResult<Option<(Pid, c_int)>>;
     fn sigmask(&self, how: SigmaskHow, set: &SigSet, old: Option<&mut SigSet>) -> SysResult<()>;
@@ -204,11 +205,21 @@ impl Syscall for LinuxSyscall {
     }
 
     fn touch(&self, path: &CStr) -> SysResult<()> {
+        let flags = libc::O_RDONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: `path` is a valid NUL-terminated string; the returned
         // descriptor is owned here and closed right away.
-        let fd = unsafe {
-            libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC, 0o644)
-        };
+        let mut fd = unsafe { libc::open(path.as_ptr(), flags, 0o644) };
+        if fd == -1 && Errno::last() == Errno::ELOOP {
+            // A symlink where a file mount point goes (an image's
+            // /etc/resolv.conf, say): replace it, as the mount replaces it.
+            // SAFETY: as above; unlink only removes the link itself.
+            fd = unsafe {
+                if libc::unlink(path.as_ptr()) == -1 {
+                    return Err(Errno::last());
+                }
+                libc::open(path.as_ptr(), flags, 0o644)
+            };
+        }
         if fd == -1 {
             return Err(Errno::last());
         }
@@ -217,10 +228,10 @@ impl Syscall for LinuxSyscall {
     }
 
     fn write_file(&self, path: &CStr, contents: &[u8]) -> SysResult<()> {
-        let flags = libc::O_WRONLY | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC;
         // SAFETY: `path` is a valid NUL-terminated string; the returned
         // descriptor is owned here and closed before returning.
-        let fd = unsafe { libc::open(path.as_ptr(), flags) };
+        let fd = unsafe { libc::open(path.as_ptr(), flags, 0o644) };
         if fd == -1 {
             return Err(Errno::last());
         }
@@ -426,6 +437,10 @@ impl Syscall for LinuxSyscall {
         nix::unistd::setsid().map(drop)
     }
 
+    fn new_process_group(&self) -> SysResult<()> {
+        nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
+    }
+
     fn wait_pid(&self, pid: Pid, nohang: bool) -> SysResult<Option<(Pid, c_int)>> {
         let mut status: c_int = 0;
         let options = if nohang { libc::WNOHANG } else { 0 } | libc::__WALL;
@@ -470,13 +485,15 @@ pub fn decode_wait_status(status: c_int) -> super::ExitStatus {
 /// before the launcher exists is kept pending and sent by
 /// [`Forwarder::attach`], so none is lost between `install` and the clone.
 /// Signals the kernel generated (the terminal's SIGINT and SIGQUIT go to the
-/// whole foreground process group, which includes a workload in the caller's
-/// session) are not forwarded, so the workload gets each exactly once. The
+/// whole foreground process group) are forwarded only when the sandbox is in
+/// a process group of its own: otherwise they reached it directly, and the
+/// workload gets each exactly once either way. A signal the caller ignores
+/// (`nohup`) stays ignored and is not forwarded. The
 /// launcher's pid is cleared before it is reaped, and [`Forwarder::detach`]
 /// waits for handlers in flight, so a forwarded signal can never reach a
 /// recycled pid.
 pub mod forward {
-    use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
     use nix::errno::Errno;
     use nix::libc;
@@ -489,6 +506,8 @@ pub mod forward {
     static PENDING: AtomicU64 = AtomicU64::new(0);
     /// Handlers between reading [`TARGET`] and their last `kill`.
     static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+    /// Whether kernel-generated signals are forwarded too.
+    static FORWARD_KERNEL: AtomicBool = AtomicBool::new(false);
 
     /// Sends every pending signal to `pid` (async-signal-safe).
     fn flush(pid: libc::pid_t) {
@@ -504,7 +523,7 @@ pub mod forward {
     extern "C" fn forward(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
         // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
         let from_kernel = !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL;
-        if from_kernel || !(1..64).contains(&signal) {
+        if (from_kernel && !FORWARD_KERNEL.load(Ordering::SeqCst)) || !(1..64).contains(&signal) {
             return;
         }
         IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
@@ -526,10 +545,12 @@ pub mod forward {
     }
 
     impl Forwarder {
-        /// Installs the handlers for `signals`. One forwarder at a time per
+        /// Installs the handlers for `signals`, forwarding kernel-generated
+        /// ones too when `forward_kernel`. One forwarder at a time per
         /// process (its state is process-wide).
-        pub fn install(signals: &[Signal]) -> nix::Result<Self> {
+        pub fn install(signals: &[Signal], forward_kernel: bool) -> nix::Result<Self> {
             PENDING.store(0, Ordering::SeqCst);
+            FORWARD_KERNEL.store(forward_kernel, Ordering::SeqCst);
             let action = SigAction::new(
                 SigHandler::SigAction(forward),
                 SaFlags::SA_RESTART,
@@ -540,6 +561,11 @@ pub mod forward {
                 // SAFETY: the handler only touches atomics, errno and kill,
                 // all async-signal-safe.
                 let old = unsafe { sigaction(signal, &action) }?;
+                if old.handler() == SigHandler::SigIgn {
+                    // SAFETY: puts back the disposition that was in place.
+                    unsafe { sigaction(signal, &old) }?;
+                    continue;
+                }
                 forwarder.old.push((signal, old));
             }
             Ok(forwarder)

@@ -179,6 +179,9 @@ impl Syscall for Recorder {
     fn new_session(&self) -> SysResult<()> {
         self.record("setsid".into())
     }
+    fn new_process_group(&self) -> SysResult<()> {
+        self.record("setpgid".into())
+    }
     fn wait_pid(&self, pid: Pid, nohang: bool) -> SysResult<Option<(Pid, c_int)>> {
         self.record(format!("wait_pid {pid} nohang={nohang}"))?;
         match self.waits.borrow_mut().pop_front() {
@@ -270,7 +273,14 @@ fn setup_order_keeps_the_invariants() {
     // After the final pivot: hostname, loopback, cwd, umask, no_new_privs.
     assert_eq!(
         &calls[final_pivot + 3..],
-        ["sethostname pkg", "loopback_up", "chdir /src", "umask 022", "no_new_privs"]
+        [
+            "mkdir /src 755",
+            "sethostname pkg",
+            "loopback_up",
+            "chdir /src",
+            "umask 022",
+            "no_new_privs"
+        ]
     );
 }
 
@@ -307,15 +317,29 @@ fn binds_read_host_paths_through_the_old_root_and_read_only_ones_are_sealed() {
 }
 
 #[test]
-fn files_are_written_inside_the_new_root_once_the_host_root_is_detached() {
+fn files_are_written_in_the_final_root() {
     let mut spec = build_spec();
     spec.files = vec![("/etc/hosts".into(), b"127.0.0.1 localhost\n".to_vec())];
     let sys = recorded(&plan(&spec).steps);
-    let detached = sys.position("umount /oldroot");
-    let touch = sys.position("touch /newroot/etc/hosts");
-    let write = sys.position("write /newroot/etc/hosts \"127.0.0.1 localhost\\n\"");
-    assert!(detached < touch && touch < write);
-    assert!(write < sys.position("pivot_root . ."));
+    let staging_gone = sys.position("umount . ");
+    let etc = sys.position("mkdir /etc 755");
+    let write = sys.position("write /etc/hosts \"127.0.0.1 localhost\\n\"");
+    assert!(staging_gone < etc && etc < write);
+}
+
+#[test]
+fn layer_binds_are_detached_and_read_only_volumes_are_read_only_when_staged() {
+    let mut spec = build_spec();
+    spec.root = RootFs::Overlay { layers: vec!["/store/base".into()] };
+    spec.mounts.push(Mount::bind_ro("/data", "/data"));
+    let sys = recorded(&plan(&spec).steps);
+    let overlay = sys.position("mount overlay /newroot");
+    assert!(overlay < sys.position("umount /layers/0"));
+    let calls = sys.calls();
+    let staged = calls.iter().position(|c| c.starts_with("mount /oldroot/data /staged/")).unwrap();
+    let stage = calls[staged].split_whitespace().nth(2).unwrap();
+    let read_only = sys.position(&format!("read-only {stage}"));
+    assert!(staged < read_only && read_only < sys.position("umount /oldroot"), "{calls:#?}");
 }
 
 #[test]

@@ -15,10 +15,12 @@
 //! [`Store::shared_checkout`] keeps one checkout per tree under
 //! `checkouts/trees/HEX` for `pkg run`, which stacks them as overlayfs lower
 //! layers. It is built in `tmp/` and renamed into place whole, so a name there
-//! always holds a complete checkout; concurrent callers agree on one. Its
-//! directories keep their exact permission bits (an image's `/tmp` must stay
-//! `1777`): directory inodes belong to that checkout alone, and overlayfs never
-//! writes to a lower layer. Files are the shared, read-only cached inodes.
+//! always holds a complete checkout; concurrent callers agree on one. It keeps
+//! the tree's exact permission bits (an image's `/tmp` stays `1777`, a user's
+//! `0644` file stays writable by that user in the container): overlayfs never
+//! writes to a lower layer, so the inodes are only ever written by copy-up
+//! into the upper layer. Its files are cached inodes too, kept apart from the
+//! read-only ones by the mode in their names, and shared by every such checkout.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -58,7 +60,7 @@ impl Store {
             }
             Err(e) => return Err(e).ctx("list", dest),
         };
-        if let Err(e) = self.checkout_dir(tree, dest, DirModes::ReadOnly) {
+        if let Err(e) = self.checkout_dir(tree, dest, Modes::ReadOnly) {
             // Leave no half checkout behind that could pass for a whole one.
             if created {
                 let _ = remove_checkout(dest);
@@ -68,73 +70,80 @@ impl Store {
         set_mode(dest, 0o555)
     }
 
-    /// The shared checkout of `tree` (see the module docs), created if absent.
-    pub fn shared_checkout(&self, tree: &Digest) -> Result<PathBuf> {
-        let dest = self.shared_checkout_path(tree);
-        if dest.is_dir() {
-            return Ok(dest);
-        }
+    /// The shared checkout of `tree` (see the module docs), created if
+    /// absent, leased: `gc` leaves it alone while the lease lives.
+    pub fn shared_checkout(&self, tree: &Digest) -> Result<CheckoutLease> {
+        // Held while looking and locking, so no gc is halfway through it.
         let _pin = self.pin()?;
+        let dest = self.shared_checkout_path(tree);
+        if !dest.is_dir() {
+            self.build_shared_checkout(tree, &dest)?;
+        }
+        let lock = std::fs::File::open(&dest).ctx("open", &dest)?;
+        fs4::FileExt::lock_shared(&lock).ctx("lock", &dest)?;
+        Ok(CheckoutLease { path: dest, _lock: lock })
+    }
+
+    fn build_shared_checkout(&self, tree: &Digest, dest: &Path) -> Result<()> {
         let tmp_dir = self.root.join("tmp");
         let tmp = tempfile::Builder::new()
             .prefix(".t")
             .tempdir_in(&tmp_dir)
             .ctx("create a temp directory in", &tmp_dir)?
             .keep();
-        let built = self.checkout_dir(tree, &tmp, DirModes::Exact).and_then(|()| {
-            let parent = self.root.join("checkouts/trees");
-            std::fs::create_dir_all(&parent).ctx("create directory", &parent)?;
-            match std::fs::rename(&tmp, &dest) {
-                Ok(()) => super::sync_parent(&dest),
-                // Another process put its (identical) checkout there first.
-                Err(_) if dest.is_dir() => remove_checkout(&tmp),
-                Err(e) => Err(e).ctx("rename a checkout to", &dest),
-            }
-        });
+        let built = self
+            .checkout_dir(tree, &tmp, Modes::Exact)
+            // Its final mode before it gets its name: a name holds a whole checkout.
+            .and_then(|()| set_mode(&tmp, 0o755))
+            .and_then(|()| {
+                let parent = self.root.join("checkouts/trees");
+                std::fs::create_dir_all(&parent).ctx("create directory", &parent)?;
+                match std::fs::rename(&tmp, dest) {
+                    Ok(()) => super::sync_parent(dest),
+                    // Another process put its (identical) checkout there first.
+                    Err(_) if dest.is_dir() => remove_checkout(&tmp),
+                    Err(e) => Err(e).ctx("rename a checkout to", dest),
+                }
+            });
         if built.is_err() {
             let _ = remove_checkout(&tmp);
         }
-        built?;
-        set_mode(&dest, 0o755)?;
-        Ok(dest)
+        built
     }
 
     pub(crate) fn shared_checkout_path(&self, tree: &Digest) -> PathBuf {
         self.root.join("checkouts/trees").join(tree.to_hex())
     }
 
-    fn checkout_dir(&self, digest: &Digest, dir: &Path, modes: DirModes) -> Result<()> {
+    fn checkout_dir(&self, digest: &Digest, dir: &Path, modes: Modes) -> Result<()> {
         let tree = self.read_tree(digest)?;
         tree.entries.par_iter().try_for_each(|(name, node)| {
             let path = dir.join(name.as_os_str());
             match node {
-                Node::File(file) => self.link_file(file, &path),
+                Node::File(file) => self.link_file(file, &path, modes),
                 Node::Symlink(target) => std::os::unix::fs::symlink(target.as_os_str(), &path)
                     .ctx("create symlink", &path),
                 Node::Dir(child) => {
                     std::fs::create_dir(&path).ctx("create directory", &path)?;
                     self.checkout_dir(&child.digest, &path, modes)?;
                     let bits = child.permissions.bits();
-                    set_mode(
-                        &path,
-                        if modes == DirModes::Exact { bits } else { bits & !WRITE_BITS },
-                    )
+                    set_mode(&path, modes.apply(bits))
                 }
             }
         })
     }
 
-    fn cached_file_path(&self, file: &FileNode) -> PathBuf {
+    fn cached_file_path(&self, file: &FileNode, mode: u32) -> PathBuf {
         let hex = file.content_digest().to_hex();
-        let mode = file.permissions().bits() & !WRITE_BITS;
         self.root.join("checkouts/files").join(&hex[..2]).join(format!("{hex}-{mode:04o}"))
     }
 
     /// Links the cached copy of `file` to `path`, creating the cached copy first if needed.
-    fn link_file(&self, file: &FileNode, path: &Path) -> Result<()> {
-        let cached = self.cached_file_path(file);
+    fn link_file(&self, file: &FileNode, path: &Path, modes: Modes) -> Result<()> {
+        let mode = modes.apply(file.permissions().bits());
+        let cached = self.cached_file_path(file, mode);
         if !cached.exists() {
-            self.materialise(file, &cached)?;
+            self.materialise(file, &cached, mode)?;
         }
         match std::fs::hard_link(&cached, path) {
             Ok(()) => Ok(()),
@@ -144,13 +153,13 @@ impl Store {
                     || e.raw_os_error() == Some(EMLINK) =>
             {
                 std::fs::copy(&cached, path).ctx("copy a cached file to", path)?;
-                set_mode(path, file.permissions().bits() & !WRITE_BITS)
+                set_mode(path, mode)
             }
             Err(e) => Err(e).ctx("hard-link a cached file to", path),
         }
     }
 
-    fn materialise(&self, file: &FileNode, cached: &Path) -> Result<()> {
+    fn materialise(&self, file: &FileNode, cached: &Path, mode: u32) -> Result<()> {
         let tmp_dir = self.root.join("tmp");
         let mut tmp = tempfile::Builder::new()
             .prefix(".c")
@@ -158,7 +167,6 @@ impl Store {
             .ctx("create a temp file in", &tmp_dir)?;
         let mut reader = self.open_file(file);
         io::copy(&mut reader, tmp.as_file_mut()).map_err(|e| unwrap_store_error(e, tmp.path()))?;
-        let mode = file.permissions().bits() & !WRITE_BITS;
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(mode))
             .ctx("chmod", tmp.path())?;
@@ -168,13 +176,36 @@ impl Store {
     }
 }
 
-/// Which permission bits a checkout's directories get.
+/// A shared checkout in use (see [`Store::shared_checkout`]): a shared
+/// `flock` on its directory, which `gc` tries to take exclusively first.
+#[derive(Debug)]
+pub struct CheckoutLease {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl CheckoutLease {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Which permission bits a checkout's files and directories get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DirModes {
+enum Modes {
     /// The tree's bits minus every write bit.
     ReadOnly,
     /// Exactly the tree's bits.
     Exact,
+}
+
+impl Modes {
+    fn apply(self, bits: u32) -> u32 {
+        match self {
+            Modes::ReadOnly => bits & !WRITE_BITS,
+            Modes::Exact => bits,
+        }
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {

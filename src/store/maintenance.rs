@@ -290,13 +290,21 @@ impl Store {
         // Shared checkouts of dead trees go before the cached files they link.
         let trees_dir = self.root.join("checkouts/trees");
         for (digest, path) in list_dir(&trees_dir, |name| Digest::from_hex(name).ok())? {
-            if !live_trees.contains(&digest) {
-                report.bytes += dir_size(&path)?;
-                if !dry_run {
-                    super::remove_checkout(&path)?;
-                }
-                report.checkouts += 1;
+            if live_trees.contains(&digest) {
+                continue;
             }
+            // A running `pkg run` holds a lease (a shared flock): keep it.
+            let dir = std::fs::File::open(&path).ctx("open", &path)?;
+            match fs4::FileExt::try_lock(&dir) {
+                Ok(()) => {}
+                Err(fs4::TryLockError::WouldBlock) => continue,
+                Err(fs4::TryLockError::Error(e)) => return Err(e).ctx("lock", &path),
+            }
+            report.bytes += dir_size(&path);
+            if !dry_run {
+                super::remove_checkout(&path)?;
+            }
+            report.checkouts += 1;
         }
         // A cached file with one link is in no checkout: nothing shares it any more.
         for (_, path) in self.list_cached_files()? {
@@ -312,7 +320,7 @@ impl Store {
             let path = entry.ctx("list", &tmp)?.path();
             if std::fs::symlink_metadata(&path).ctx("read metadata of", &path)?.is_dir() {
                 // An interrupted shared checkout.
-                report.bytes += dir_size(&path)?;
+                report.bytes += dir_size(&path);
                 if !dry_run {
                     super::remove_checkout(&path)?;
                 }
@@ -366,19 +374,21 @@ fn list_dir<T: Ord>(dir: &Path, parse: impl Fn(&str) -> Option<T>) -> Result<Vec
 }
 
 /// Bytes of the regular files and symlinks below `dir` that only it links
-/// (a hard link shared with the file cache is counted there).
-fn dir_size(dir: &Path) -> Result<u64> {
+/// (a hard link shared with the file cache is counted there); what cannot be
+/// read counts as nothing (it is only a report).
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     let mut total = 0;
-    for entry in std::fs::read_dir(dir).ctx("list", dir)? {
-        let path = entry.ctx("list", dir)?.path();
-        let meta = std::fs::symlink_metadata(&path).ctx("read metadata of", &path)?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
         if meta.is_dir() {
-            total += dir_size(&path)?;
+            total += dir_size(&path);
         } else if meta.nlink() == 1 {
             total += meta.len();
         }
     }
-    Ok(total)
+    total
 }
 
 /// Files under `top/XX/` whose names `parse` accepts, sorted.

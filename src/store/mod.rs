@@ -40,7 +40,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-pub use checkout::remove_checkout;
+pub use checkout::{CheckoutLease, remove_checkout};
 pub use ingest::Exclude;
 pub(crate) use layers::is_sha256_hex;
 pub use layers::{CachedLayer, OciBlob, OciBlobWriter, hex};

@@ -6,6 +6,7 @@
 //! too; the recipe tests build `recipes/hello` and `recipes/hello-go`.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -174,6 +175,40 @@ rootless_test! {
 }
 
 rootless_test! {
+    fn etc_hosts_is_generated_or_taken_from_a_volume() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let (code, out) =
+            run(&ctx, &["--net", "none", "--hostname", "box", &image, "cat", "/etc/hosts"]);
+        assert_eq!(code, 0, "{}", stderr(&out));
+        assert!(stdout(&out).contains("127.0.0.1\tlocalhost\n"), "{}", stdout(&out));
+        assert!(stdout(&out).contains("\tbox\n"), "{}", stdout(&out));
+        // A volume over the file wins, and is not written to.
+        let mine = ctx.write("myhosts", "10.0.0.1 mine\n");
+        let volume = format!("{}:/etc/hosts:ro", mine.display());
+        let (code, out) = run(&ctx, &["--net", "none", "-v", &volume, &image, "cat", "/etc/hosts"]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "10.0.0.1 mine\n"), "{}", stderr(&out));
+        assert_eq!(std::fs::read_to_string(&mine).unwrap(), "10.0.0.1 mine\n");
+        // With the host's network, the host's resolver configuration.
+        let (code, out) = run(&ctx, &[&image, "cat", "/etc/resolv.conf"]);
+        assert_eq!(code, 0, "{}", stderr(&out));
+        assert_eq!(stdout(&out), std::fs::read_to_string("/etc/resolv.conf").unwrap());
+    }
+}
+
+rootless_test! {
+    fn the_image_user_owns_the_image_files() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let script = "stat -c %u:%g /etc/kept; echo changed > /etc/kept && cat /etc/kept";
+        let (code, out) = run(&ctx, &["--user", "1000:1000", &image, "sh", "-c", script]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "1000:1000\nchanged\n"), "{}", stderr(&out));
+        let (code, out) = run(&ctx, &[&image, "stat", "-c", "%u:%g", "/etc/kept"]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "0:0\n"), "{}", stderr(&out));
+    }
+}
+
+rootless_test! {
     fn sigterm_reaches_the_workload() {
         let ctx = TestContext::new();
         let image = busybox_image(&ctx);
@@ -196,6 +231,32 @@ rootless_test! {
 }
 
 rootless_test! {
+    fn a_signal_to_the_whole_process_group_arrives_once() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let script = "n=0; trap 'n=$((n+1)); echo term $n' TERM; echo ready; \
+                      i=0; while [ $i -lt 50 ]; do sleep 0.02; i=$((i+1)); done; echo done $n";
+        let mut child = ctx
+            .pkg()
+            .args(["run", &image, "sh", "-c", script])
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("spawn pkg run");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        assert_eq!(lines.next().transpose().unwrap().as_deref(), Some("ready"));
+        // As `kill %1`, `timeout` or a CI runner's cancel do.
+        let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+        nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = wait_bounded(&mut child, Duration::from_secs(20));
+        let rest: Vec<String> = lines.map(Result::unwrap).collect();
+        assert_eq!(rest, ["term 1", "done 1"]);
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
+rootless_test! {
     fn killing_pkg_run_kills_the_sandbox() {
         let ctx = TestContext::new();
         let image = busybox_image(&ctx);
@@ -213,6 +274,11 @@ rootless_test! {
             .expect("spawn pkg run");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         assert_eq!(lines.next().transpose().unwrap().as_deref(), Some("ready"));
+        let started = Instant::now();
+        while !data.join("tick").exists() {
+            assert!(started.elapsed() < Duration::from_secs(20), "the workload never ticked");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         child.kill().unwrap(); // SIGKILL: pkg cannot forward or clean up
         child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(300));
@@ -234,12 +300,16 @@ rootless_test! {
         std::fs::create_dir(&data).unwrap();
         let volume = format!("{}:/data", data.display());
         // The inner shell exits at once, orphaning its sleeping child, which
-        // PID 1 adopts; once it ends it must be reaped, not left a zombie.
-        let script = "sh -c 'sleep 0.2 & exit 0'; sleep 1; \
-                      for s in /proc/[0-9]*/stat; do read -r line < $s; echo \"$line\"; done | \
-                      awk '$3 == \"Z\"' ";
+        // PID 1 adopts. Once the child has ended (its /proc entry is gone or
+        // a zombie), PID 1 must reap it: the entry disappears.
+        let script = "sh -c 'sleep 0.2 & echo $! > /tmp/orphan; exit 0'; pid=$(cat /tmp/orphan); \
+                      i=0; while [ $i -lt 1000 ]; do \
+                        [ -e /proc/$pid ] || break; \
+                        [ \"$(cut -d' ' -f3 /proc/$pid/stat)\" = Z ] && break; \
+                        sleep 0.01; i=$((i+1)); done; \
+                      sleep 0.3; if [ -e /proc/$pid ]; then echo zombie; else echo reaped; fi";
         let (code, out) = run(&ctx, &["-v", &volume, &image, "sh", "-c", script]);
-        assert_eq!((code, stdout(&out).as_str()), (0, ""), "zombies: {}", stderr(&out));
+        assert_eq!((code, stdout(&out).as_str()), (0, "reaped\n"), "{}", stderr(&out));
         // A background process dies with the workload.
         let late = "(sleep 1; echo late > /data/late) & exit 0";
         let (code, out) = run(&ctx, &["-v", &volume, &image, "sh", "-c", late]);
@@ -301,14 +371,15 @@ rootless_test! {
 }
 
 /// A bad target's exit code and its message, with temp paths redacted.
-/// Scratch space goes to `ROOT/tmp`, which must stay empty.
+/// Nothing may be left in the store's temp directory.
 fn failure(ctx: &TestContext, args: &[&str]) -> (i32, String) {
-    let tmp = ctx.root().join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    let out = ctx.pkg().env("TMPDIR", &tmp).arg("run").args(args).output().unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    let left: Vec<PathBuf> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
-    assert!(left.is_empty(), "pkg run {args:?} left {left:?} behind");
+    let (code, out) = run(ctx, args);
+    let tmp = ctx.store().join("tmp");
+    if tmp.exists() {
+        let left: Vec<PathBuf> =
+            std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(left.is_empty(), "pkg run {args:?} left {left:?} behind");
+    }
     assert!(stdout(&out).is_empty(), "{}", stdout(&out));
     (code, ctx.redact(&stderr(&out)))
 }
@@ -338,6 +409,10 @@ rootless_test! {
         let (code, text) = failure(&ctx, &["-v", "relative:/x", &image]);
         assert_eq!(code, 125);
         assert_snapshot!("run_named_volume", text);
+        let root = format!("{}:/", ctx.root().display());
+        let (code, text) = failure(&ctx, &["-v", &root, &image]);
+        assert_eq!(code, 125);
+        assert_snapshot!("run_volume_on_root", text);
         let (code, _) = failure(&ctx, &["--no-such-flag", &image]);
         assert_eq!(code, 125, "usage errors of pkg run exit 125 like docker's");
         // A corrupt layer blob of a fresh layout: every byte is verified.

@@ -656,3 +656,30 @@ crate::rootless_test! {
         assert!(store.verify().unwrap().problems.is_empty());
     }
 }
+
+#[test]
+fn shared_checkouts_keep_exact_modes_and_survive_gc_while_leased() {
+    let ctx = TestContext::new();
+    let store = Store::open(&ctx.store()).unwrap();
+    let dir = ctx.root().join("content");
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    std::fs::write(dir.join("conf"), "x\n").unwrap();
+    set_mode(&dir.join("conf"), 0o644);
+    set_mode(&dir.join("tmp"), 0o1777);
+    let tree = store.ingest_dir(&dir, &|_: &Path, _: &std::fs::Metadata| false).unwrap();
+    let lease = store.shared_checkout(&tree).unwrap();
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&lease.path().join("conf")), 0o644);
+    assert_eq!(mode(&lease.path().join("tmp")), 0o1777);
+    assert_eq!(mode(lease.path()), 0o755);
+    // No ref keeps the tree, but a run holds the checkout: gc leaves it.
+    let report = store.gc(false).unwrap();
+    assert_eq!(report.checkouts, 0);
+    assert_eq!(std::fs::read_to_string(lease.path().join("conf")).unwrap(), "x\n");
+    let path = lease.path().to_path_buf();
+    drop(lease);
+    let report = store.gc(false).unwrap();
+    assert_eq!(report.checkouts, 1);
+    assert!(!path.exists());
+    assert_eq!(report.cached_files, 1, "the checkout's cached file went with it");
+}
