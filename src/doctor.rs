@@ -92,9 +92,8 @@ pub fn check(host: &HostFacts<'_>) -> Vec<Check> {
     checks.push(subordinate_ids(host));
     checks.push(id_helpers(host.tools));
     for (platform, emulator) in EMULATORS {
-        let found = [format!("{emulator}-static"), emulator.to_string()]
-            .into_iter()
-            .find_map(|name| host.tools.which(&name));
+        // `pkg run` mounts the emulator into the foreign image: only a static one works there.
+        let found = host.tools.which(&format!("{emulator}-static"));
         checks.push(match found {
             Some(path) => {
                 ok_owned("qemu-user", format!("{platform} images run through {}", path.display()))
