@@ -504,8 +504,11 @@ pub mod forward {
         /// process (its state is process-wide).
         pub fn install(signals: &[Signal]) -> nix::Result<Self> {
             PENDING.store(0, Ordering::SeqCst);
-            let action =
-                SigAction::new(SigHandler::SigAction(forward), SaFlags::SA_RESTART, SigSet::empty());
+            let action = SigAction::new(
+                SigHandler::SigAction(forward),
+                SaFlags::SA_RESTART,
+                SigSet::empty(),
+            );
             let mut forwarder = Forwarder { old: Vec::new() };
             for &signal in signals {
                 // SAFETY: the handler only touches atomics, errno and kill,

@@ -129,6 +129,9 @@ fn normalise(path: &[u8]) -> String {
         .join("/")
 }
 
+/// An open file of the source and its size.
+type SizedReader = (Box<dyn Read>, u64);
+
 impl Source {
     /// Opens the layout or archive; an archive's entries are listed here.
     pub fn open(source: &OciSource) -> Result<Source, ImportError> {
@@ -170,7 +173,7 @@ impl Source {
     }
 
     /// Opens the file at `rel` (a layout-relative path) and returns it with its size.
-    fn open_file(&self, rel: &str) -> Result<Option<(Box<dyn Read>, u64)>, ImportError> {
+    fn open_file(&self, rel: &str) -> Result<Option<SizedReader>, ImportError> {
         match &self.kind {
             Kind::Layout(dir) => {
                 let path = dir.join(rel);
