@@ -39,7 +39,9 @@ enum Message {
 /// call [`GzWriter::finish`].
 pub struct GzWriter<W: Write + Send + 'static> {
     current: Vec<u8>,
-    crc: flate2::Crc,
+    crc: crc32fast::Hasher,
+    /// Input bytes so far, modulo 2^32 (the gzip trailer's ISIZE).
+    len: u32,
     sender: Option<std::sync::mpsc::SyncSender<Message>>,
     worker: Option<std::thread::JoinHandle<io::Result<W>>>,
 }
@@ -50,7 +52,8 @@ impl<W: Write + Send + 'static> GzWriter<W> {
         let worker = std::thread::spawn(move || compress_stream(inner, level, receiver));
         GzWriter {
             current: Vec::with_capacity(BLOCK),
-            crc: flate2::Crc::new(),
+            crc: crc32fast::Hasher::new(),
+            len: 0,
             sender: Some(sender),
             worker: Some(worker),
         }
@@ -77,8 +80,8 @@ impl<W: Write + Send + 'static> GzWriter<W> {
         let worker = self.worker.take().expect("finish runs once");
         let mut inner =
             worker.join().map_err(|_| io::Error::other("the gzip worker panicked"))??;
-        inner.write_all(&self.crc.sum().to_le_bytes())?;
-        inner.write_all(&self.crc.amount().to_le_bytes())?;
+        inner.write_all(&self.crc.clone().finalize().to_le_bytes())?;
+        inner.write_all(&self.len.to_le_bytes())?;
         Ok(inner)
     }
 }
@@ -151,6 +154,7 @@ impl<W: Write + Send + 'static> Write for GzWriter<W> {
         let n = buf.len().min(BLOCK - self.current.len());
         self.current.extend_from_slice(&buf[..n]);
         self.crc.update(&buf[..n]);
+        self.len = self.len.wrapping_add(n as u32);
         if self.current.len() == BLOCK {
             let full = std::mem::replace(&mut self.current, Vec::with_capacity(BLOCK));
             self.send(Message::Block(full))?;
