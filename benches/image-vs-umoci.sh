@@ -17,11 +17,14 @@
 # Usage: benches/image-vs-umoci.sh
 #   RUNS (default 15), LARGE_RUNS (default 3): timed runs per tool; the figure
 #     is the fastest run (best of N: the machine is shared, noise only adds)
+#   PAIRS (default 20; LARGE_RUNS for the large image): alternating pkg cold /
+#     umoci runs whose median ratio is printed last
 #   BENCH_STORE (default target/image-bench-store): kept between runs, so the
 #     Go build happens once
 #   PKG_BENCH_LOCK: a file to flock around each timing (e.g. /tmp/pkg-bench.lock)
 # Needs hyperfine, jq, umoci, buildah, golang-go.
 set -euo pipefail
+export LC_ALL=C # $EPOCHREALTIME with a decimal point, for awk
 cd "$(dirname "$0")/.."
 
 runs=${RUNS:-15}
@@ -44,15 +47,15 @@ cargo build --release --quiet
 pkg=$PWD/target/release/pkg
 export PKG_STORE=$store
 
-locked() {
-    if [ -n "${PKG_BENCH_LOCK:-}" ]; then flock "$PKG_BENCH_LOCK" "$@"; else "$@"; fi
-}
+lock() { if [ -n "${PKG_BENCH_LOCK:-}" ]; then exec 9>>"$PKG_BENCH_LOCK" && flock 9; fi; }
+unlock() { if [ -n "${PKG_BENCH_LOCK:-}" ]; then flock -u 9; fi; }
 
-# time_all NAME RUNS [--package NAME=TREE]... -- CONTENT_DIR...: times the four
-# tools on one image, then prints a table of best times and ratios.
+# time_all NAME RUNS PAIRS [--package NAME=TREE]... -- CONTENT_DIR...: times the
+# four tools on one image, then pkg cold and umoci in alternating pairs, and
+# prints a table of best times and ratios, and the pairs' median ratio.
 time_all() {
-    local name=$1 n=$2
-    shift 2
+    local name=$1 n=$2 pairs=$3
+    shift 3
     local packages=()
     while [ "$1" != -- ]; do packages+=("$1"); shift; done
     shift
@@ -64,16 +67,35 @@ time_all() {
         umoci_copy+="cp -a $d/. $work/bundle/rootfs/ && "
         buildah_srcs+=" $d"
     done
+    local umoci_all="umoci init --layout $work/umoci && umoci new --image $work/umoci:$name && umoci unpack --rootless --image $work/umoci:$name $work/bundle && ${umoci_copy}umoci repack --image $work/umoci:$name $work/bundle"
+    local umoci_clean="chmod -R u+w $work/bundle 2>/dev/null; rm -rf $work/umoci $work/bundle"
     # Warm the layer cache once (and check the command works).
     $assemble >/dev/null
-    locked hyperfine --style basic --warmup 1 --runs "$n" --export-json "$work/$name.json" \
+    lock
+    hyperfine --style basic --warmup 1 --runs "$n" --export-json "$work/$name.json" \
         --command-name "pkg cold" --prepare "rm -rf $store/layers $work/pkg-oci" "$assemble" \
         --command-name "pkg warm" --prepare "rm -rf $work/pkg-oci" "$assemble" \
-        --command-name umoci --prepare "chmod -R u+w $work/bundle 2>/dev/null; rm -rf $work/umoci $work/bundle" \
-        "umoci init --layout $work/umoci && umoci new --image $work/umoci:$name && umoci unpack --rootless --image $work/umoci:$name $work/bundle && ${umoci_copy}umoci repack --image $work/umoci:$name $work/bundle" \
+        --command-name umoci --prepare "$umoci_clean" "$umoci_all" \
         --command-name buildah --prepare "${buildah[*]} rm --all; rm -rf $work/buildah-oci" \
         "c=\$(${buildah[*]} from scratch) && ${buildah[*]} copy \$c$buildah_srcs / && ${buildah[*]} commit --disable-compression=false \$c oci:$work/buildah-oci:$name" \
         >&2
+    # hyperfine runs each tool's runs back to back, so load from other work that
+    # comes and goes can favour one tool; runs taken in alternating pairs share it.
+    local ratios=() t0 t1 t2 t3
+    for _ in $(seq "$pairs"); do
+        rm -rf "$store/layers" "$work/pkg-oci"
+        t0=$EPOCHREALTIME
+        $assemble >/dev/null
+        t1=$EPOCHREALTIME
+        sh -c "$umoci_clean"
+        t2=$EPOCHREALTIME
+        sh -c "$umoci_all" >/dev/null 2>&1
+        t3=$EPOCHREALTIME
+        ratios+=("$(awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" 'BEGIN { print (d - c) / (b - a) }')")
+    done
+    unlock
+    local paired
+    paired=$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{ r[NR] = $1 } END { print r[int((NR + 1) / 2)] }')
     best() { jq -r --arg c "$1" '.results[] | select(.command == $c) | .min' "$work/$name.json"; }
     local cold warm umoci bah
     cold=$(best "pkg cold") warm=$(best "pkg warm") umoci=$(best umoci) bah=$(best buildah)
@@ -84,6 +106,7 @@ time_all() {
         awk -v t="${row%%:*}" -v s="${row#*:}" -v u="$umoci" \
             'BEGIN { printf "%-10s %10.1f %13.1fx\n", t, s * 1000, u / s }'
     done
+    printf 'umoci / pkg cold, median of %s alternating pairs: %.1fx\n' "$pairs" "$paired"
 }
 
 # The hello-go image: build once (cached in the bench store), then its closure's trees.
@@ -96,7 +119,7 @@ while read -r package tree; do
     dirs+=("$work/checkout/$package")
 done < <(jq -r '.nodes[] | "\(.package) \(.output)"' "$work/build.json")
 echo "hello-go image: ${packages[*]} ($(du -shc "${dirs[@]}" | tail -1 | cut -f1))" >&2
-time_all hello-go "$runs" "${packages[@]}" -- "${dirs[@]}"
+time_all hello-go "$runs" "${PAIRS:-20}" "${packages[@]}" -- "${dirs[@]}"
 
 [ "$large_mib" = 0 ] && exit 0
 content=$work/large
@@ -109,4 +132,4 @@ while read -r f; do
 done < <(find /usr/bin -maxdepth 1 -type f | sort)
 tree=$("$pkg" store add "$content")
 echo "large: $(du -sh "$content" | cut -f1) of /usr/bin as one package" >&2
-time_all large "$large_runs" --package "large=$tree" -- "$content"
+time_all large "$large_runs" "$large_runs" --package "large=$tree" -- "$content"
