@@ -1,100 +1,135 @@
 #!/usr/bin/env bash
-# Side by side: packing one directory into a single-layer gzip OCI image with
-#   pkg     store add + assemble -o oci:DIR     (cold: empty store; warm: layer cached)
-#   umoci   init, new, unpack, copy, repack
-#   buildah from scratch, copy, commit (vfs storage, oci: output)
-# Usage: benches/image-vs-umoci.sh [CONTENT_DIR]
-# Without CONTENT_DIR, copies MIB (default 256) MiB of /usr/bin executables.
-# Prints wall-clock seconds per tool (best of RUNS, default 3) and the ratios.
+# Issue 5, side by side in one run: the hello-go image (recipes/hello-go for
+# linux/amd64: hello-go + base-files) made from an already-built package by
+#   pkg cold   pkg assemble from the stored trees, layer cache emptied before
+#              each run (rm -rf STORE/layers), so both layers are tarred,
+#              gzipped and written
+#   pkg warm   the same with both layers in the layer cache
+#   umoci      init, new, unpack, copy, repack
+#   buildah    from scratch, copy, commit (vfs storage)
+# Every tool writes an OCI image layout directory with gzip layers. The package
+# is built once into the bench store (outside the timing); umoci and buildah
+# copy the same trees, checked out once with `pkg store checkout`.
+#
+# Then, unless LARGE_MIB=0, the same four for one package of LARGE_MIB
+# (default 256) MiB of /usr/bin executables, to show how each scales.
+#
+# Usage: benches/image-vs-umoci.sh
+#   RUNS (default 15), LARGE_RUNS (default 3): timed runs per tool; the figure
+#     is the fastest run (best of N: the machine is shared, noise only adds)
+#   PAIRS (default 20; LARGE_RUNS for the large image): alternating pkg cold /
+#     umoci runs whose median ratio is printed last
+#   BENCH_STORE (default target/image-bench-store): kept between runs, so the
+#     Go build happens once
+#   PKG_BENCH_LOCK: a file to flock around each timing (e.g. /tmp/pkg-bench.lock)
+# Needs hyperfine, jq, umoci, buildah, golang-go.
 set -euo pipefail
+export LC_ALL=C # $EPOCHREALTIME with a decimal point, for awk
 cd "$(dirname "$0")/.."
 
-runs=${RUNS:-3}
-mib=${MIB:-256}
+runs=${RUNS:-15}
+large_runs=${LARGE_RUNS:-3}
+large_mib=${LARGE_MIB:-256}
+store=$(realpath -m "${BENCH_STORE:-target/image-bench-store}")
 work=$(mktemp -d /tmp/pkg-image-bench.XXXXXX)
-trap 'rm -rf "$work" 2>/dev/null || true' EXIT
+buildah=(buildah --root "$work/buildah/root" --runroot "$work/buildah/run" --storage-driver vfs)
+cleanup() {
+    "${buildah[@]}" rm --all >/dev/null 2>&1 || true
+    chmod -R u+w "$work" 2>/dev/null || true
+    rm -rf "$work" 2>/dev/null || true
+}
+trap cleanup EXIT
 
-for tool in umoci buildah; do
-    command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install umoci buildah" >&2; exit 1; }
+for tool in hyperfine jq umoci buildah go; do
+    command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
 done
 cargo build --release --quiet
 pkg=$PWD/target/release/pkg
+export PKG_STORE=$store
 
-content=${1:-}
-if [ -z "$content" ]; then
-    content=$work/content
-    mkdir -p "$content/usr/bin"
-    total=0
-    for f in $(find /usr/bin -maxdepth 1 -type f | sort); do
-        size=$(stat -c %s "$f")
-        cp "$f" "$content/usr/bin/"
-        total=$((total + size))
-        [ "$total" -ge $((mib * 1024 * 1024)) ] && break
+lock() { if [ -n "${PKG_BENCH_LOCK:-}" ]; then exec 9>>"$PKG_BENCH_LOCK" && flock 9; fi; }
+unlock() { if [ -n "${PKG_BENCH_LOCK:-}" ]; then flock -u 9; fi; }
+
+# time_all NAME RUNS PAIRS [--package NAME=TREE]... -- CONTENT_DIR...: times the
+# four tools on one image, then pkg cold and umoci in alternating pairs, and
+# prints a table of best times and ratios, and the pairs' median ratio.
+time_all() {
+    local name=$1 n=$2 pairs=$3
+    shift 3
+    local packages=()
+    while [ "$1" != -- ]; do packages+=("$1"); shift; done
+    shift
+    local dirs=("$@")
+    local assemble
+    assemble="$pkg assemble $name --platform linux/amd64 ${packages[*]} -o oci:$work/pkg-oci"
+    local umoci_copy="" buildah_srcs=""
+    for d in "${dirs[@]}"; do
+        umoci_copy+="cp -a $d/. $work/bundle/rootfs/ && "
+        buildah_srcs+=" $d"
     done
-fi
-echo "content: $content ($(du -sh "$content" | cut -f1)), best of $runs runs" >&2
-
-now() { date +%s.%N; }
-measure() { # NAME COMMAND...: runs COMMAND (a function) RUNS times, prints the best time
-    local name=$1; shift
-    local best=999999
-    for _ in $(seq "$runs"); do
-        local t0 t1
-        t0=$(now)
-        "$@" >/dev/null 2>&1 || { echo "$name failed" >&2; "$@"; exit 1; }
-        t1=$(now)
-        best=$(awk -v a="$t0" -v z="$t1" -v b="$best" 'BEGIN { d = z - a; print (d < b) ? d : b }')
+    local umoci_all="umoci init --layout $work/umoci && umoci new --image $work/umoci:$name && umoci unpack --rootless --image $work/umoci:$name $work/bundle && ${umoci_copy}umoci repack --image $work/umoci:$name $work/bundle"
+    local umoci_clean="chmod -R u+w $work/bundle 2>/dev/null; rm -rf $work/umoci $work/bundle"
+    # Warm the layer cache once (and check the command works).
+    $assemble >/dev/null
+    lock
+    hyperfine --style basic --warmup 1 --runs "$n" --export-json "$work/$name.json" \
+        --command-name "pkg cold" --prepare "rm -rf $store/layers $work/pkg-oci" "$assemble" \
+        --command-name "pkg warm" --prepare "rm -rf $work/pkg-oci" "$assemble" \
+        --command-name umoci --prepare "$umoci_clean" "$umoci_all" \
+        --command-name buildah --prepare "${buildah[*]} rm --all; rm -rf $work/buildah-oci" \
+        "c=\$(${buildah[*]} from scratch) && ${buildah[*]} copy \$c$buildah_srcs / && ${buildah[*]} commit --disable-compression=false \$c oci:$work/buildah-oci:$name" \
+        >&2
+    # hyperfine runs each tool's runs back to back, so load from other work that
+    # comes and goes can favour one tool; runs taken in alternating pairs share it.
+    local ratios=() t0 t1 t2 t3
+    for _ in $(seq "$pairs"); do
+        rm -rf "$store/layers" "$work/pkg-oci"
+        t0=$EPOCHREALTIME
+        $assemble >/dev/null
+        t1=$EPOCHREALTIME
+        sh -c "$umoci_clean"
+        t2=$EPOCHREALTIME
+        sh -c "$umoci_all" >/dev/null 2>&1
+        t3=$EPOCHREALTIME
+        ratios+=("$(awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" 'BEGIN { print (d - c) / (b - a) }')")
     done
-    printf '%s\n' "$best"
+    unlock
+    local paired
+    paired=$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{ r[NR] = $1 } END { print r[int((NR + 1) / 2)] }')
+    best() { jq -r --arg c "$1" '.results[] | select(.command == $c) | .min' "$work/$name.json"; }
+    local cold warm umoci bah
+    cold=$(best "pkg cold") warm=$(best "pkg warm") umoci=$(best umoci) bah=$(best buildah)
+    printf '\n%s, best of %s runs\n' "$name" "$n"
+    printf '%-10s %10s %14s\n' tool ms "umoci / tool"
+    local row
+    for row in "pkg cold:$cold" "pkg warm:$warm" "umoci:$umoci" "buildah:$bah"; do
+        awk -v t="${row%%:*}" -v s="${row#*:}" -v u="$umoci" \
+            'BEGIN { printf "%-10s %10.1f %13.1fx\n", t, s * 1000, u / s }'
+    done
+    printf 'umoci / pkg cold, median of %s alternating pairs: %.1fx\n' "$pairs" "$paired"
 }
 
-pkg_cold() {
-    rm -rf "$work/pkg-store" "$work/pkg-oci"
-    local tree
-    tree=$(PKG_STORE=$work/pkg-store "$pkg" store add "$content")
-    PKG_STORE=$work/pkg-store "$pkg" assemble bench --package content="$tree" -o "oci:$work/pkg-oci"
-}
-pkg_layers_cold() { # trees already stored (as after pkg build), layer cache empty
-    rm -rf "$work/pkg-store/layers" "$work/pkg-oci"
-    local tree
-    tree=$(PKG_STORE=$work/pkg-store "$pkg" store add "$content")
-    PKG_STORE=$work/pkg-store "$pkg" assemble bench --package content="$tree" -o "oci:$work/pkg-oci"
-}
-pkg_warm() {
-    rm -rf "$work/pkg-oci"
-    local tree
-    tree=$(PKG_STORE=$work/pkg-store "$pkg" store add "$content")
-    PKG_STORE=$work/pkg-store "$pkg" assemble bench --package content="$tree" -o "oci:$work/pkg-oci"
-}
-umoci_all() {
-    rm -rf "$work/umoci" "$work/bundle"
-    umoci init --layout "$work/umoci"
-    umoci new --image "$work/umoci:bench"
-    umoci unpack --rootless --image "$work/umoci:bench" "$work/bundle"
-    cp -a "$content/." "$work/bundle/rootfs/"
-    umoci repack --image "$work/umoci:bench" "$work/bundle"
-}
-buildah_all() {
-    local b=(buildah --root "$work/buildah/root" --runroot "$work/buildah/run" --storage-driver vfs)
-    rm -rf "$work/buildah-oci"
-    local ctr
-    ctr=$("${b[@]}" from scratch)
-    "${b[@]}" copy "$ctr" "$content" /
-    "${b[@]}" commit --disable-compression=false "$ctr" "oci:$work/buildah-oci:bench"
-    "${b[@]}" rm "$ctr"
-}
+# The hello-go image: build once (cached in the bench store), then its closure's trees.
+echo "building recipes/hello-go into $store (cached after the first run)" >&2
+"$pkg" build recipes/hello-go --platform linux/amd64 --json --quiet >"$work/build.json"
+packages=() dirs=()
+while read -r package tree; do
+    packages+=(--package "$package=$tree")
+    "$pkg" store checkout "$tree" "$work/checkout/$package" >/dev/null
+    dirs+=("$work/checkout/$package")
+done < <(jq -r '.nodes[] | "\(.package) \(.output)"' "$work/build.json")
+echo "hello-go image: ${packages[*]} ($(du -shc "${dirs[@]}" | tail -1 | cut -f1))" >&2
+time_all hello-go "$runs" "${PAIRS:-20}" "${packages[@]}" -- "${dirs[@]}"
 
-t_pkg_cold=$(measure pkg-cold pkg_cold)
-t_pkg_layers=$(measure pkg-layers-cold pkg_layers_cold)
-t_pkg_warm=$(measure pkg-warm pkg_warm)
-t_umoci=$(measure umoci umoci_all)
-t_buildah=$(measure buildah buildah_all)
-buildah --root "$work/buildah/root" --runroot "$work/buildah/run" --storage-driver vfs rm --all >/dev/null 2>&1 || true
-
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a / b }'; }
-printf '%-34s %8s %14s\n' tool seconds "umoci / tool"
-printf '%-34s %8.2f %14s\n' "pkg: empty store (add + assemble)" "$t_pkg_cold" "$(ratio "$t_umoci" "$t_pkg_cold")"
-printf '%-34s %8.2f %14s\n' "pkg: trees stored, layers cold" "$t_pkg_layers" "$(ratio "$t_umoci" "$t_pkg_layers")"
-printf '%-34s %8.2f %14s\n' "pkg: layers cached" "$t_pkg_warm" "$(ratio "$t_umoci" "$t_pkg_warm")"
-printf '%-34s %8.2f %14s\n' "umoci" "$t_umoci" 1.0
-printf '%-34s %8.2f %14s\n' "buildah" "$t_buildah" "$(ratio "$t_umoci" "$t_buildah")"
+[ "$large_mib" = 0 ] && exit 0
+content=$work/large
+mkdir -p "$content/usr/bin"
+total=0
+while read -r f; do
+    cp "$f" "$content/usr/bin/"
+    total=$((total + $(stat -c %s "$f")))
+    [ "$total" -ge $((large_mib * 1024 * 1024)) ] && break
+done < <(find /usr/bin -maxdepth 1 -type f | sort)
+tree=$("$pkg" store add "$content")
+echo "large: $(du -sh "$content" | cut -f1) of /usr/bin as one package" >&2
+time_all large "$large_runs" "$large_runs" --package "large=$tree" -- "$content"

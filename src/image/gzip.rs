@@ -11,11 +11,17 @@
 //! Invariant: the output is a pure function of the input bytes and the level.
 //! Block boundaries never depend on how `write` is called or on the number of
 //! threads, and blocks are written in input order; only *where* a block is
-//! compressed varies. A background thread takes full blocks from a bounded
-//! queue and compresses whatever is queued (up to [`BATCH`]) in parallel on
-//! scoped threads (one per core), so compression overlaps with producing the tar.
+//! compressed varies. Compressor threads (one per core, started as blocks
+//! arrive) each take the next full block from a shared queue as soon as they are
+//! free, and a writer thread puts the results back in order, so compression
+//! overlaps with producing the tar and keeps every core busy. At most
+//! [`WINDOW`] blocks are in flight at once.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 
 use flate2::{Compress, FlushCompress, Status};
 
@@ -23,127 +29,161 @@ use flate2::{Compress, FlushCompress, Status};
 /// against one stream (each block restarts with an empty window).
 pub const BLOCK: usize = 1024 * 1024;
 
-/// Most blocks queued or compressed together (bounds memory to about 3 × BATCH × BLOCK).
-const BATCH: usize = 16;
+/// Most blocks in flight (queued, being compressed, or compressed and waiting
+/// for an earlier one): bounds memory to about 2 × WINDOW × BLOCK.
+const WINDOW: usize = 16;
 
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 
-/// What the producer sends to the compressing thread.
-enum Message {
-    Block(Vec<u8>),
-    Last(Vec<u8>),
+/// A block for the compressor threads.
+struct Job {
+    index: usize,
+    data: Vec<u8>,
+    last: bool,
 }
 
-/// A gzip writer that compresses blocks in parallel on a background thread
-/// (which fans batches out to rayon) while the caller produces the next ones;
-/// call [`GzWriter::finish`].
+/// A compressed block for the writer thread.
+struct Deflated {
+    index: usize,
+    last: bool,
+    bytes: io::Result<Vec<u8>>,
+}
+
+/// A gzip writer that compresses blocks in parallel on threads of its own
+/// while the caller produces the next ones; call [`GzWriter::finish`].
+///
+/// Its threads are plain threads, not rayon's: the producer may itself run on a
+/// rayon worker and block on a full window, and compression waiting for those
+/// same workers would never finish.
 pub struct GzWriter<W: Write + Send + 'static> {
     current: Vec<u8>,
-    crc: flate2::Crc,
-    sender: Option<std::sync::mpsc::SyncSender<Message>>,
-    worker: Option<std::thread::JoinHandle<io::Result<W>>>,
+    crc: crc32fast::Hasher,
+    /// Input bytes so far, modulo 2^32 (the gzip trailer's ISIZE).
+    len: u32,
+    level: u32,
+    /// Blocks handed to the compressors so far.
+    sent: usize,
+    jobs: Option<Sender<Job>>,
+    queue: Arc<Mutex<Receiver<Job>>>,
+    deflated: Option<Sender<Deflated>>,
+    /// One message per block the writer has written: room for one more in flight.
+    credits: Receiver<()>,
+    compressors: Vec<JoinHandle<()>>,
+    writer: Option<JoinHandle<io::Result<W>>>,
+}
+
+/// Compressor threads per writer: one per core.
+fn compressor_threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 impl<W: Write + Send + 'static> GzWriter<W> {
     pub fn new(inner: W, level: u32) -> Self {
-        let (sender, receiver) = std::sync::mpsc::sync_channel::<Message>(BATCH);
-        let worker = std::thread::spawn(move || compress_stream(inner, level, receiver));
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (deflated, results) = mpsc::channel::<Deflated>();
+        let (credit, credits) = mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || write_in_order(inner, results, credit));
         GzWriter {
             current: Vec::with_capacity(BLOCK),
-            crc: flate2::Crc::new(),
-            sender: Some(sender),
-            worker: Some(worker),
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+            level,
+            sent: 0,
+            jobs: Some(jobs),
+            queue: Arc::new(Mutex::new(queue)),
+            deflated: Some(deflated),
+            credits,
+            compressors: Vec::new(),
+            writer: Some(writer),
         }
     }
 
-    fn send(&mut self, message: Message) -> io::Result<()> {
-        let sent = self.sender.as_ref().map(|s| s.send(message).is_ok()).unwrap_or(false);
-        if sent {
+    fn send(&mut self, data: Vec<u8>, last: bool) -> io::Result<()> {
+        // Start compressors as blocks arrive, so a small layer starts only one.
+        if self.compressors.len() < compressor_threads().min(self.sent + 1)
+            && let Some(deflated) = &self.deflated
+        {
+            let (queue, deflated, level) = (self.queue.clone(), deflated.clone(), self.level);
+            self.compressors.push(std::thread::spawn(move || compress(&queue, &deflated, level)));
+        }
+        let room = self.sent < WINDOW || self.credits.recv().is_ok();
+        let job = Job { index: self.sent, data, last };
+        if room && self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok()) {
+            self.sent += 1;
             return Ok(());
         }
-        // The worker stopped early: surface its error.
-        self.sender = None;
-        match self.worker.take().map(|w| w.join()) {
+        // The writer stopped early: surface its error.
+        self.jobs = None;
+        self.deflated = None;
+        match self.writer.take().map(|w| w.join()) {
             Some(Ok(Err(e))) => Err(e),
-            _ => Err(io::Error::other("the gzip worker thread stopped")),
+            _ => Err(io::Error::other("the gzip writer thread stopped")),
         }
     }
 
     /// Compresses the rest, writes the trailer and returns the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
         let last = std::mem::take(&mut self.current);
-        self.send(Message::Last(last))?;
-        self.sender = None;
-        let worker = self.worker.take().expect("finish runs once");
+        self.send(last, true)?;
+        // The compressors stop once the queue is empty.
+        self.jobs = None;
+        self.deflated = None;
+        let writer = self.writer.take().expect("finish runs once");
         let mut inner =
-            worker.join().map_err(|_| io::Error::other("the gzip worker panicked"))??;
-        inner.write_all(&self.crc.sum().to_le_bytes())?;
-        inner.write_all(&self.crc.amount().to_le_bytes())?;
+            writer.join().map_err(|_| io::Error::other("the gzip writer panicked"))??;
+        for compressor in self.compressors.drain(..) {
+            compressor.join().map_err(|_| io::Error::other("a gzip compressor panicked"))?;
+        }
+        inner.write_all(&std::mem::take(&mut self.crc).finalize().to_le_bytes())?;
+        inner.write_all(&self.len.to_le_bytes())?;
         Ok(inner)
     }
 }
 
-/// The compressing thread: header, then blocks in input order, each batch of
-/// already-queued blocks compressed in parallel.
-fn compress_stream<W: Write>(
-    mut inner: W,
-    level: u32,
-    receiver: std::sync::mpsc::Receiver<Message>,
-) -> io::Result<W> {
-    inner.write_all(&HEADER)?;
+/// A compressor thread: takes the next block from the shared queue, compresses
+/// it and hands it to the writer, until the queue closes or the writer stops.
+fn compress(queue: &Mutex<Receiver<Job>>, deflated: &Sender<Deflated>, level: u32) {
     loop {
-        let Ok(first) = receiver.recv() else {
-            return Err(io::Error::other("gzip stream ended without its last block"));
+        // The lock is held only while waiting for one job.
+        let job = match queue.lock() {
+            Ok(queue) => queue.recv(),
+            Err(_) => return,
         };
-        let mut batch = vec![first];
-        while batch.len() < BATCH && !matches!(batch.last(), Some(Message::Last(_))) {
-            match receiver.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let done = matches!(batch.last(), Some(Message::Last(_)));
-        let compressed = compress_batch(&batch, level);
-        for block in compressed {
-            inner.write_all(&block?)?;
-        }
-        if done {
-            return Ok(inner);
+        let Ok(job) = job else { return };
+        let bytes = deflate_block(&job.data, level, job.last);
+        drop(job.data);
+        if deflated.send(Deflated { index: job.index, last: job.last, bytes }).is_err() {
+            return;
         }
     }
 }
 
-/// Compresses a batch on scoped threads of its own, not on rayon: the producer
-/// may itself run on a rayon worker and block on the full queue, and a batch
-/// waiting for those same workers would never finish.
-fn compress_batch(batch: &[Message], level: u32) -> Vec<io::Result<Vec<u8>>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(batch.len());
-    let compress = |m: &Message| match m {
-        Message::Block(b) => deflate_block(b, level, false),
-        Message::Last(b) => deflate_block(b, level, true),
-    };
-    if threads <= 1 {
-        return batch.iter().map(compress).collect();
-    }
-    let mut results: Vec<Option<io::Result<Vec<u8>>>> = (0..batch.len()).map(|_| None).collect();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                scope.spawn(move || {
-                    (t..batch.len())
-                        .step_by(threads)
-                        .map(|i| (i, compress(&batch[i])))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        for handle in handles {
-            for (i, result) in handle.join().expect("deflate does not panic") {
-                results[i] = Some(result);
+/// The writer thread: header, then the blocks in input order, returning one
+/// credit per block written.
+fn write_in_order<W: Write>(
+    mut inner: W,
+    results: Receiver<Deflated>,
+    credit: Sender<()>,
+) -> io::Result<W> {
+    inner.write_all(&HEADER)?;
+    let mut waiting: BTreeMap<usize, Deflated> = BTreeMap::new();
+    let mut next = 0;
+    loop {
+        let Ok(block) = results.recv() else {
+            return Err(io::Error::other("gzip stream ended without its last block"));
+        };
+        waiting.insert(block.index, block);
+        while let Some(block) = waiting.remove(&next) {
+            inner.write_all(&block.bytes?)?;
+            if block.last {
+                return Ok(inner);
             }
+            next += 1;
+            // The producer may be gone (it dropped the writer): nothing to tell.
+            let _ = credit.send(());
         }
-    });
-    results.into_iter().map(|r| r.expect("every block is compressed once")).collect()
+    }
 }
 
 impl<W: Write + Send + 'static> Write for GzWriter<W> {
@@ -151,9 +191,10 @@ impl<W: Write + Send + 'static> Write for GzWriter<W> {
         let n = buf.len().min(BLOCK - self.current.len());
         self.current.extend_from_slice(&buf[..n]);
         self.crc.update(&buf[..n]);
+        self.len = self.len.wrapping_add(n as u32);
         if self.current.len() == BLOCK {
             let full = std::mem::replace(&mut self.current, Vec::with_capacity(BLOCK));
-            self.send(Message::Block(full))?;
+            self.send(full, false)?;
         }
         Ok(n)
     }
@@ -218,7 +259,7 @@ mod tests {
 
     #[test]
     fn round_trips_and_does_not_depend_on_write_sizes_or_threads() {
-        for len in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, (BATCH + 2) * BLOCK + 5] {
+        for len in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, (WINDOW + 2) * BLOCK + 5] {
             let data = sample(len);
             let one = gzip(&data, usize::MAX);
             assert_eq!(gunzip(&one), data, "len {len}");
@@ -233,7 +274,7 @@ mod tests {
     #[test]
     fn producers_on_all_rayon_workers_make_progress() {
         use rayon::prelude::*;
-        let data = vec![7u8; (2 * BATCH + 1) * BLOCK];
+        let data = vec![7u8; (2 * WINDOW + 1) * BLOCK];
         let outputs: Vec<Vec<u8>> = (0..rayon::current_num_threads().max(2))
             .into_par_iter()
             .map(|_| gzip(&data, BLOCK))

@@ -3,9 +3,10 @@
 //!
 //! Invariants:
 //! - Blobs are copied into a temp file next to their destination, hashed while
-//!   copying, checked against their name, then renamed into `blobs/sha256/HEX`.
-//!   A blob already present is left alone (its name is its content; a damaged one
-//!   is what [`verify_oci_layout`] reports).
+//!   copying and checked against their name; then all the temp files (and
+//!   `oci-layout`) are fsynced together, renamed into `blobs/sha256/HEX`, and
+//!   the directories synced. A blob already present is left alone (its name is
+//!   its content; a damaged one is what [`verify_oci_layout`] reports).
 //! - `index.json` is written last, canonically, replacing the old one atomically
 //!   (temp + fsync + rename), so a reader sees the old or the new layout, never
 //!   a half-written one. Entries of other refs already in it are kept; entries
@@ -138,6 +139,9 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) -> Result<()> {
     let blobs_dir = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs_dir).map_err(io_err("create directory", &blobs_dir))?;
+    // Every missing blob (and oci-layout) goes to a temp file first; they are
+    // synced together, then renamed.
+    let mut pending: Vec<(tempfile::NamedTempFile, PathBuf, u32)> = Vec::new();
     for blob in all_blobs(images) {
         let dest = blobs_dir.join(&blob.digest);
         if dest.exists() {
@@ -149,12 +153,31 @@ pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) ->
             .tempfile_in(&blobs_dir)
             .map_err(io_err("create a temp file in", &blobs_dir))?;
         copy_verified(open_blob(store, &blob)?, tmp.as_file_mut(), &blob, &from)?;
-        tmp.as_file().sync_all().map_err(io_err("sync", &dest))?;
-        set_mode(tmp.path(), 0o444)?;
-        tmp.persist(&dest).map_err(|e| e.error).map_err(io_err("rename a temp file to", &dest))?;
+        pending.push((tmp, dest, 0o444));
     }
     let layout_file = dir.join("oci-layout");
-    write_file_atomic(&layout_file, OCI_LAYOUT)?;
+    if std::fs::read(&layout_file).ok().as_deref() != Some(OCI_LAYOUT) {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".pkg")
+            .tempfile_in(dir)
+            .map_err(io_err("create a temp file in", dir))?;
+        tmp.write_all(OCI_LAYOUT).map_err(io_err("write", tmp.path()))?;
+        pending.push((tmp, layout_file, 0o644));
+    }
+    for (tmp, _, mode) in &pending {
+        set_mode(tmp.path(), *mode)?;
+    }
+    let files: Vec<&File> = pending.iter().map(|(tmp, _, _)| tmp.as_file()).collect();
+    if let Err((i, e)) = crate::store::sync_all_together(&files) {
+        return Err(io_err("sync", &pending[i].1)(e));
+    }
+    for (tmp, dest, _) in pending {
+        tmp.persist(&dest).map_err(|e| e.error).map_err(io_err("rename a temp file to", &dest))?;
+    }
+    // The blobs' names are durable before index.json names them.
+    sync_dir(&blobs_dir);
+    sync_dir(&dir.join("blobs"));
+    sync_dir(dir);
     // Keep other refs of an existing index.json.
     let index_path = dir.join("index.json");
     let mut manifests: Vec<(String, serde_json::Value)> = match std::fs::read(&index_path) {
@@ -178,10 +201,15 @@ pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) ->
     manifests.sort_by(|a, b| a.0.cmp(&b.0));
     let manifests = manifests.into_iter().map(|(_, d)| d).collect();
     write_file_atomic(&index_path, &index_json(manifests))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Best effort, as some filesystems refuse to fsync a directory.
+fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(())
 }
 
 /// Writes `images` as one deterministic oci-archive tar at `path`.

@@ -428,6 +428,9 @@ fn finish_image(
     plan: Vec<Vec<PlannedLayer>>,
     built: &HashMap<Digest, crate::store::CachedLayer>,
 ) -> Result<AssembledImage> {
+    // Every document is made in memory first (each names the ones before by
+    // digest), then all are stored at once.
+    let mut documents: Vec<Vec<u8>> = Vec::new();
     let mut platforms = Vec::new();
     for (contents, planned) in image.platforms.iter().zip(plan) {
         let layers: Vec<AssembledLayer> = planned
@@ -451,20 +454,21 @@ fn finish_image(
                 created_by: format!("pkg: {}", l.packages.join(", ")),
             })
             .collect();
-        let config = oci::config(&image.config, &contents.platform, image.created, &docs)?;
-        let config = store.put_oci_blob(&config)?;
-        let manifest = oci::manifest(
+        let config_doc = oci::config(&image.config, &contents.platform, image.created, &docs)?;
+        let config = blob_ref(&config_doc);
+        let manifest_doc = oci::manifest(
             &config.digest,
             config.size,
             &docs,
             image.config.compression,
             image.created,
         )?;
-        let manifest = store.put_oci_blob(&manifest)?;
+        let manifest = blob_ref(&manifest_doc);
+        documents.extend([config_doc, manifest_doc]);
         platforms.push(AssembledPlatform {
             platform: contents.platform.to_string(),
-            manifest: BlobRef { digest: manifest.digest, size: manifest.size },
-            config: BlobRef { digest: config.digest, size: config.size },
+            manifest,
+            config,
             layers,
         });
     }
@@ -480,10 +484,13 @@ fn finish_image(
             })
             .collect::<Result<Vec<_>>>()?;
         let annotations = HashMap::from([(oci::CREATED.to_string(), oci::rfc3339(image.created))]);
-        let index = store.put_oci_blob(&oci::index(manifests, annotations)?)?;
-        let index = BlobRef { digest: index.digest, size: index.size };
+        let index_doc = oci::index(manifests, annotations)?;
+        let index = blob_ref(&index_doc);
+        documents.push(index_doc);
         (oci_spec::image::MediaType::ImageIndex, index.clone(), Some(index))
     };
+    let documents: Vec<&[u8]> = documents.iter().map(Vec::as_slice).collect();
+    store.put_oci_blobs(&documents)?;
     Ok(AssembledImage {
         name: image.name.clone(),
         created: image.created,
@@ -492,6 +499,12 @@ fn finish_image(
         platforms,
         index,
     })
+}
+
+/// The sha256 and size of an OCI document, as the store will name it.
+fn blob_ref(bytes: &[u8]) -> BlobRef {
+    use sha2::Digest as _;
+    BlobRef { digest: crate::store::hex(&sha2::Sha256::digest(bytes)), size: bytes.len() as u64 }
 }
 
 /// The assembled image recorded in the store as `name`, if any.

@@ -128,13 +128,51 @@ impl Store {
 
     /// Stores a small OCI blob (JSON) and returns its sha256 and size.
     pub fn put_oci_blob(&self, bytes: &[u8]) -> Result<OciBlob> {
-        let digest = hex(&sha2::Sha256::digest(bytes));
-        let path = self.oci_blob_path(&digest);
-        if !path.exists() {
-            self.layers_dir("sha256")?;
-            self.write_atomic(&path, bytes, 0o444)?;
+        let mut stored = self.put_oci_blobs(&[bytes])?;
+        Ok(stored.remove(0))
+    }
+
+    /// Stores small OCI blobs (configs, manifests, an index) and returns their
+    /// sha256 and size, in order. Like [`Store::write_atomic`] for each, but the
+    /// temp files are synced together, then renamed, then the directory synced
+    /// once.
+    pub fn put_oci_blobs(&self, blobs: &[&[u8]]) -> Result<Vec<OciBlob>> {
+        use std::os::unix::fs::PermissionsExt;
+        let stored: Vec<OciBlob> = blobs
+            .iter()
+            .map(|b| OciBlob { digest: hex(&sha2::Sha256::digest(b)), size: b.len() as u64 })
+            .collect();
+        let mut missing: Vec<(&[u8], PathBuf)> = Vec::new();
+        for (bytes, blob) in blobs.iter().zip(&stored) {
+            let path = self.oci_blob_path(&blob.digest);
+            if !path.exists() && !missing.iter().any(|(_, p)| *p == path) {
+                missing.push((bytes, path));
+            }
         }
-        Ok(OciBlob { digest, size: bytes.len() as u64 })
+        if missing.is_empty() {
+            return Ok(stored);
+        }
+        let dir = self.layers_dir("sha256")?;
+        let tmp_dir = self.root.join("tmp");
+        let mut temps = Vec::with_capacity(missing.len());
+        for (bytes, _) in &missing {
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".w")
+                .permissions(std::fs::Permissions::from_mode(0o444))
+                .tempfile_in(&tmp_dir)
+                .ctx("create a temp file in", &tmp_dir)?;
+            tmp.write_all(bytes).ctx("write", tmp.path())?;
+            temps.push(tmp);
+        }
+        let files: Vec<&std::fs::File> = temps.iter().map(|t| t.as_file()).collect();
+        if let Err((i, e)) = super::sync_all_together(&files) {
+            return Err(e).ctx("sync", temps[i].path());
+        }
+        for (tmp, (_, path)) in temps.into_iter().zip(&missing) {
+            tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
+        }
+        super::sync_dir(&dir)?;
+        Ok(stored)
     }
 
     /// The layer cached under `key`, if both its key file and its blob are present.
