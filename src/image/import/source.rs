@@ -132,9 +132,6 @@ fn normalise(path: &[u8]) -> String {
         .join("/")
 }
 
-/// An open file of the source and its size.
-type SizedReader = (Box<dyn Read>, u64);
-
 impl Source {
     /// Opens the layout or archive; an archive's entries are listed here.
     pub fn open(source: &OciSource) -> Result<Source, ImportError> {
