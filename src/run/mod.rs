@@ -420,12 +420,16 @@ fn resolve_user(view: &RootView<'_>, image: &RunImage, spec: &str) -> Result<use
 ///
 /// The caller's own uid and gid always become the user's, so the image's
 /// files (which the store keeps without owners, as the caller's) belong to
-/// the user that runs, whatever it is. With a subordinate range, every other
-/// id inside (root included, when the user is not root) comes from the
-/// range, in order, as with podman's `--userns=keep-id`.
+/// the user that runs, whatever it is. A workload running as root gets the
+/// subordinate range too, if there is one: every other id inside comes from
+/// it, in order, as with podman's `--userns=keep-id`, so it can switch to
+/// other users (`su`, a server dropping privileges). A non-root workload
+/// could never use other ids (it has no capabilities after exec, and
+/// `no_new_privs` disarms setuid programs), so it gets its own ids only and
+/// starts without running the newuidmap/newgidmap helpers.
 fn id_mapping(host: &RunHost, user: &user::User) -> (IdMapping, Option<(u32, u32)>) {
     let single = || (IdMapping::single(user.uid, user.gid, host.uid, host.gid), None);
-    let Some(sub) = &host.subordinate else { return single() };
+    let Some(sub) = host.subordinate.as_ref().filter(|_| user.uid == 0) else { return single() };
     let (Some(uids), Some(gids)) =
         (around(user.uid, host.uid, sub.uids), around(user.gid, host.gid, sub.gids))
     else {

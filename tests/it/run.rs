@@ -59,6 +59,12 @@ fn busybox_image(ctx: &TestContext) -> String {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     std::fs::write(rootfs.join("etc/kept"), "kept\n").unwrap();
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
     std::fs::write(rootfs.join("etc/deleted"), "deleted\n").unwrap();
     sh(umoci().args(["repack", "--image", &image]).arg(&bundle));
     sh(umoci().args([
@@ -205,6 +211,18 @@ rootless_test! {
         assert_eq!((code, stdout(&out).as_str()), (0, "1000:1000\nchanged\n"), "{}", stderr(&out));
         let (code, out) = run(&ctx, &[&image, "stat", "-c", "%u:%g", "/etc/kept"]);
         assert_eq!((code, stdout(&out).as_str()), (0, "0:0\n"), "{}", stderr(&out));
+        // Names resolve in the image's /etc/passwd and /etc/group.
+        let (code, out) = run(&ctx, &["--user", "nobody", &image, "sh", "-c", "id -u; id -g; echo $HOME"]);
+        assert_eq!(
+            (code, stdout(&out).as_str()),
+            (0, "65534\n65534\n/nonexistent\n"),
+            "{}",
+            stderr(&out)
+        );
+        // A root workload gets the subordinate range (the test user has one),
+        // so it can switch users, as servers dropping privileges do.
+        let (code, out) = run(&ctx, &[&image, "su", "-s", "/bin/sh", "nobody", "-c", "id -u"]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "65534\n"), "{}", stderr(&out));
     }
 }
 
@@ -403,7 +421,7 @@ rootless_test! {
         let (code, text) = failure(&ctx, &["--entrypoint", "/etc/kept", &image]);
         assert_eq!(code, 126);
         assert_snapshot!("run_entrypoint_not_executable", text);
-        let (code, text) = failure(&ctx, &["--user", "nobody", &image]);
+        let (code, text) = failure(&ctx, &["--user", "nosuchuser", &image]);
         assert_eq!(code, 125);
         assert_snapshot!("run_unknown_user", text);
         let (code, text) = failure(&ctx, &["-v", "relative:/x", &image]);
