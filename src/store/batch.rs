@@ -27,6 +27,8 @@
 //!   since the oldest such marker (minus [`CLOCK_MARGIN`]) is read and verified;
 //!   bad ones are deleted, then trees from that window that name a missing
 //!   object are deleted until none is left; `syncfs`; delete the markers.
+//!   Another open meeting such a marker while it is being recovered waits for
+//!   the recovery (a live batch always writes the current boot id).
 //!
 //! Recovery therefore rests on object mtimes not preceding their marker's by
 //! more than [`CLOCK_MARGIN`] (the clock is not stepped back further during an
@@ -210,6 +212,7 @@ pub(super) fn recover(store: &Store) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).ctx("list", &dir),
     };
+    let now = boot_id();
     let mut stale = Vec::new();
     for entry in entries {
         let path = entry.ctx("list", &dir)?.path();
@@ -219,15 +222,25 @@ pub(super) fn recover(store: &Store) -> Result<()> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e).ctx("open", &path),
         };
-        // Held: a live batch. Taken: ours to recover, and nobody else's meanwhile.
-        if fs4::FileExt::try_lock(&file).is_ok() {
+        // A marker naming another boot cannot belong to a live batch: if it is
+        // held, another open is recovering it, and nothing may use the store
+        // until that is done. Otherwise (this boot, or still being written),
+        // held means a live batch, and taken means ours to recover.
+        let written = std::fs::read_to_string(&path).unwrap_or_default();
+        let other_boot =
+            !written.trim().is_empty() && now.as_deref().is_some_and(|b| b != written.trim());
+        if other_boot {
+            fs4::FileExt::lock(&file).ctx("lock", &path)?;
+            if path.exists() {
+                stale.push((path, file));
+            }
+        } else if fs4::FileExt::try_lock(&file).is_ok() {
             stale.push((path, file));
         }
     }
     if stale.is_empty() {
         return Ok(());
     }
-    let now = boot_id();
     let mut since: Option<SystemTime> = None;
     for (path, _) in &stale {
         let written = std::fs::read_to_string(path).ctx("read", path)?;
