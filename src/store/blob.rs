@@ -8,8 +8,10 @@
 //! encoding 1: payload is one zstd frame of the raw bytes
 //! ```
 //!
-//! Data that does not compress is stored raw: [`encode`] first compresses a
-//! small sample and only spends CPU on the whole chunk when the sample shrinks.
+//! Data that does not compress is stored raw: [`encode`] compresses a chunk's
+//! first [`SAMPLE`] bytes as the first block of its frame and only goes on
+//! with the rest when that block shrank enough, so incompressible data costs
+//! one small block of zstd and compressible data is compressed exactly once.
 //! [`decode`] always checks the length and the blake3 of what it produced
 //! against the expected digest, so a reader can never receive wrong bytes.
 
@@ -147,20 +149,63 @@ impl Encoded<'_> {
     }
 }
 
+use zstd::zstd_safe::{self, CCtx, InBuffer, OutBuffer, zstd_sys::ZSTD_EndDirective};
+
 thread_local! {
     /// One zstd context per thread: creating one per chunk shows up in profiles.
-    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+    static COMPRESSOR: std::cell::RefCell<Option<CCtx<'static>>> =
         const { std::cell::RefCell::new(None) };
 }
 
-fn compress(data: &[u8]) -> Option<Vec<u8>> {
+/// One zstd frame of `raw` (not empty), or `None` when its first [`SAMPLE`]
+/// bytes do not shrink below [`SAMPLE_RATIO_64THS`]/64 (or zstd fails). The
+/// sample is flushed as the frame's first block and judged by the bytes out so
+/// far, so a chunk worth compressing is compressed in one pass.
+fn compress_if_worth_it(raw: &[u8]) -> Option<Vec<u8>> {
     COMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.is_none() {
-            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+            let mut cctx = CCtx::try_create()?;
+            cctx.set_parameter(zstd_safe::CParameter::CompressionLevel(ZSTD_LEVEL)).ok()?;
+            *cell = Some(cctx);
         }
-        cell.as_mut()?.compress(data).ok()
+        let cctx = cell.as_mut()?;
+        // Drops whatever frame a previous early exit left open.
+        cctx.reset(zstd_safe::ResetDirective::SessionOnly).ok()?;
+        cctx.set_pledged_src_size(Some(raw.len() as u64)).ok()?;
+        let mut frame = Vec::with_capacity(zstd_safe::compress_bound(raw.len()));
+        let mut out = OutBuffer::around(&mut frame);
+        let sample = raw.len().min(SAMPLE);
+        if sample == raw.len() {
+            stream(cctx, &mut out, raw, ZSTD_EndDirective::ZSTD_e_end)?;
+            if out.pos() * 64 >= sample * SAMPLE_RATIO_64THS {
+                return None;
+            }
+        } else {
+            stream(cctx, &mut out, &raw[..sample], ZSTD_EndDirective::ZSTD_e_flush)?;
+            if out.pos() * 64 >= sample * SAMPLE_RATIO_64THS {
+                return None;
+            }
+            stream(cctx, &mut out, &raw[sample..], ZSTD_EndDirective::ZSTD_e_end)?;
+        }
+        Some(frame)
     })
+}
+
+/// Feeds all of `input` to `cctx` and flushes or ends as `end` says.
+fn stream(
+    cctx: &mut CCtx<'_>,
+    out: &mut OutBuffer<'_, Vec<u8>>,
+    input: &[u8],
+    end: ZSTD_EndDirective,
+) -> Option<()> {
+    let mut input = InBuffer::around(input);
+    loop {
+        let left = cctx.compress_stream2(out, &mut input, end).ok()?;
+        if left == 0 && input.pos() == input.src.len() {
+            return Some(());
+        }
+    }
 }
 
 /// Encodes `raw` for storage, compressing it only when that saves space.
@@ -169,18 +214,14 @@ pub fn encode(raw: &[u8]) -> Encoded<'_> {
     header[..4].copy_from_slice(MAGIC);
     header[4] = RAW;
     header[5..].copy_from_slice(&(raw.len() as u64).to_le_bytes());
-    let sample = &raw[..raw.len().min(SAMPLE)];
-    let worth_it = !raw.is_empty()
-        && compress(sample).is_some_and(|c| c.len() * 64 < sample.len() * SAMPLE_RATIO_64THS);
-    if worth_it {
-        // A sample that covers the whole chunk is already the answer.
-        let frame = if sample.len() == raw.len() { compress(sample) } else { compress(raw) };
-        if let Some(frame) = frame.filter(|f| f.len() < raw.len()) {
+    let frame = if raw.is_empty() { None } else { compress_if_worth_it(raw) };
+    match frame.filter(|f| f.len() < raw.len()) {
+        Some(frame) => {
             header[4] = ZSTD;
-            return Encoded { header, payload: frame.into() };
+            Encoded { header, payload: frame.into() }
         }
+        None => Encoded { header, payload: raw.into() },
     }
-    Encoded { header, payload: raw.into() }
 }
 
 /// The uncompressed length a stored blob claims, from its header alone.

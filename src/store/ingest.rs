@@ -8,6 +8,10 @@
 //!   is read. Memory therefore stays at two 2 MiB blocks (plus their compressed
 //!   forms) per file in flight, and at most one file per ingest thread is in
 //!   flight, whatever the file sizes.
+//! - Blobs and trees are written unsynced under one [`Batch`] per ingest, which
+//!   makes them durable together before the digest is returned: with no fsync
+//!   per object, the ingest threads never wait for the disk, and the disk gets
+//!   large writes while they hash and compress (see [`super::batch`]).
 //! - Only regular files, directories and symlinks are accepted. Devices, fifos
 //!   and sockets, and setuid/setgid bits, are errors naming the path. Hard links
 //!   are read as the regular files they are (dedup stores their content once).
@@ -20,6 +24,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
+use super::batch::Batch;
 use super::blob::Chunker;
 use super::tree::{
     Chunk, DirNode, FileNode, Node, PathComponent, Permissions, SymlinkTarget, Tree,
@@ -43,15 +48,15 @@ impl<F: Fn(&Path, &Metadata) -> bool + Sync> Exclude for F {
     }
 }
 
-/// Ingest threads per CPU. Every object write waits for an fsync; with several
-/// writes in flight per core, the filesystem commits them together (ext4 and
-/// xfs group journal commits) while the other threads hash and compress.
-const THREADS_PER_CPU: usize = 4;
+/// Ingest threads per CPU. Object writes do not wait for the disk (see
+/// [`Batch`]); the spare thread per core covers reads of source files that are
+/// not in the page cache.
+const THREADS_PER_CPU: usize = 2;
 
 /// Runs `f` on a thread pool sized for ingest (see [`THREADS_PER_CPU`]).
 fn in_ingest_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    match rayon::ThreadPoolBuilder::new().num_threads((cpus * THREADS_PER_CPU).max(8)).build() {
+    match rayon::ThreadPoolBuilder::new().num_threads(cpus * THREADS_PER_CPU).build() {
         Ok(pool) => pool.install(f),
         // Without a pool of its own, ingest still works on the global one.
         Err(_) => f(),
@@ -64,14 +69,20 @@ impl Store {
     /// until the result is referenced by a ref if `gc` may run concurrently.
     pub fn ingest_dir(&self, dir: &Path, exclude: &dyn Exclude) -> Result<Digest> {
         let _pin = self.pin()?;
-        in_ingest_pool(|| self.ingest_dir_at(dir, Path::new(""), exclude))
+        let batch = Batch::begin(self)?;
+        let digest = in_ingest_pool(|| self.ingest_dir_at(dir, Path::new(""), exclude, &batch))?;
+        batch.finish()?;
+        Ok(digest)
     }
 
     /// Ingests one regular file; returns its node (chunks, size, permission bits).
     pub fn ingest_file(&self, path: &Path) -> Result<FileNode> {
         let _pin = self.pin()?;
         let metadata = std::fs::symlink_metadata(path).ctx("read metadata of", path)?;
-        in_ingest_pool(|| self.ingest_regular(path, &metadata))
+        let batch = Batch::begin(self)?;
+        let node = in_ingest_pool(|| self.ingest_regular(path, &metadata, &batch))?;
+        batch.finish()?;
+        Ok(node)
     }
 
     /// What `pkg store add PATH` does: a directory becomes its tree; a file or
@@ -79,13 +90,17 @@ impl Store {
     /// checking the digest out into `DIR` recreates `DIR/NAME`.
     pub fn ingest_path(&self, path: &Path) -> Result<Digest> {
         let _pin = self.pin()?;
-        in_ingest_pool(|| self.ingest_path_pinned(path))
+        let batch = Batch::begin(self)?;
+        let digest = in_ingest_pool(|| self.ingest_path_pinned(path, &batch))?;
+        batch.finish()?;
+        Ok(digest)
     }
 
-    fn ingest_path_pinned(&self, path: &Path) -> Result<Digest> {
+    fn ingest_path_pinned(&self, path: &Path, batch: &Batch) -> Result<Digest> {
         let metadata = std::fs::symlink_metadata(path).ctx("read metadata of", path)?;
         if metadata.is_dir() {
-            return self.ingest_dir_at(path, Path::new(""), &|_: &Path, _: &Metadata| false);
+            let none = |_: &Path, _: &Metadata| false;
+            return self.ingest_dir_at(path, Path::new(""), &none, batch);
         }
         let name = path.file_name().ok_or_else(|| StoreError::InvalidEntry {
             path: path.to_path_buf(),
@@ -96,14 +111,20 @@ impl Store {
         })?;
         let name = PathComponent::try_from(name)
             .map_err(|source| StoreError::InvalidEntry { path: path.to_path_buf(), source })?;
-        let node =
-            self.ingest_node(path, &metadata, Path::new(""), &|_: &Path, _: &Metadata| false)?;
+        let none = |_: &Path, _: &Metadata| false;
+        let node = self.ingest_node(path, &metadata, Path::new(""), &none, batch)?;
         let mut tree = Tree::new();
         tree.insert(name, node);
-        self.put_tree(&tree)
+        self.put_tree_in(&tree, Some(batch))
     }
 
-    fn ingest_dir_at(&self, dir: &Path, relative: &Path, exclude: &dyn Exclude) -> Result<Digest> {
+    fn ingest_dir_at(
+        &self,
+        dir: &Path,
+        relative: &Path,
+        exclude: &dyn Exclude,
+        batch: &Batch,
+    ) -> Result<Digest> {
         let mut entries = Vec::new();
         for entry in std::fs::read_dir(dir).ctx("list", dir)? {
             let entry = entry.ctx("list", dir)?;
@@ -120,13 +141,13 @@ impl Store {
                 }
                 let component = PathComponent::try_from(name.as_os_str())
                     .map_err(|source| StoreError::InvalidEntry { path: path.clone(), source })?;
-                let node = self.ingest_node(&path, &metadata, &relative, exclude)?;
+                let node = self.ingest_node(&path, &metadata, &relative, exclude, batch)?;
                 Ok(Some((component, node)))
             })
             .collect::<Result<_>>()?;
         let mut tree = Tree::new();
         tree.entries.extend(nodes.into_iter().flatten());
-        self.put_tree(&tree)
+        self.put_tree_in(&tree, Some(batch))
     }
 
     fn ingest_node(
@@ -135,14 +156,15 @@ impl Store {
         metadata: &Metadata,
         relative: &Path,
         exclude: &dyn Exclude,
+        batch: &Batch,
     ) -> Result<Node> {
         let kind = metadata.file_type();
         if kind.is_dir() {
             let permissions = permissions(path, metadata)?;
-            let digest = self.ingest_dir_at(path, relative, exclude)?;
+            let digest = self.ingest_dir_at(path, relative, exclude, batch)?;
             Ok(Node::Dir(DirNode { digest, permissions }))
         } else if kind.is_file() {
-            Ok(Node::File(self.ingest_regular(path, metadata)?))
+            Ok(Node::File(self.ingest_regular(path, metadata, batch)?))
         } else if kind.is_symlink() {
             use std::os::unix::ffi::OsStrExt;
             let target = std::fs::read_link(path).ctx("read symlink", path)?;
@@ -165,7 +187,7 @@ impl Store {
         }
     }
 
-    fn ingest_regular(&self, path: &Path, metadata: &Metadata) -> Result<FileNode> {
+    fn ingest_regular(&self, path: &Path, metadata: &Metadata, batch: &Batch) -> Result<FileNode> {
         if !metadata.is_file() {
             return Err(StoreError::SpecialFile {
                 path: path.to_path_buf(),
@@ -174,7 +196,8 @@ impl Store {
         }
         let permissions = permissions(path, metadata)?;
         let file = File::open(path).ctx("open", path)?;
-        let (chunks, size) = self.store_content(file).map_err(|e| unwrap_store_error(e, path))?;
+        let (chunks, size) =
+            self.store_content(file, batch).map_err(|e| unwrap_store_error(e, path))?;
         FileNode::new(chunks, size, permissions)
             .map_err(|source| StoreError::InvalidEntry { path: path.to_path_buf(), source })
     }
@@ -218,7 +241,11 @@ impl Store {
 
     /// Chunks, stores and lists the content of `reader`. Errors from reading are
     /// `io::Error`s; store errors travel inside them (`io::Error::other`).
-    fn store_content(&self, reader: impl Read + Send) -> std::io::Result<(Vec<Chunk>, u64)> {
+    fn store_content(
+        &self,
+        reader: impl Read + Send,
+        batch: &Batch,
+    ) -> std::io::Result<(Vec<Chunk>, u64)> {
         let mut chunker = Chunker::new(reader);
         let mut chunks = Vec::new();
         let mut block = chunker.next_block()?;
@@ -231,7 +258,7 @@ impl Store {
                         .par_iter()
                         .map(|range| {
                             let data = &block.data[range.clone()];
-                            let digest = self.put_blob(data)?;
+                            let digest = self.put_blob_in(data, Some(batch))?;
                             Ok(Chunk { digest, size: data.len() as u32 })
                         })
                         .collect::<Result<Vec<_>>>()

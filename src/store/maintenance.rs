@@ -79,7 +79,7 @@ pub struct GcReport {
 
 impl Store {
     /// Every object of `kind` on disk with its path, sorted by digest.
-    fn list_objects(&self, kind: ObjectKind) -> Result<Vec<(Digest, PathBuf)>> {
+    pub(super) fn list_objects(&self, kind: ObjectKind) -> Result<Vec<(Digest, PathBuf)>> {
         let top = self.root.join(match kind {
             ObjectKind::Blob => "blobs",
             ObjectKind::Tree => "trees",

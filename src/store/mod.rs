@@ -4,6 +4,7 @@
 //! ROOT/VERSION                   "pkg-store 1"
 //! ROOT/lock                      flock: shared while writing or checking out, exclusive for gc
 //! ROOT/tmp/                      temp files; everything is written here first
+//! ROOT/unsynced/ingest-*         markers of ingests whose objects are not yet durable ([`batch`])
 //! ROOT/blobs/XX/HEX              chunk contents ([`blob`] encoding), named by blake3 of the raw bytes
 //! ROOT/trees/XX/HEX              canonical [`tree`] encodings, named by their blake3
 //! ROOT/refs/builds/HEX           build key -> tree digest
@@ -14,10 +15,16 @@
 //! ```
 //!
 //! Invariants:
-//! - Every file is written as temp file in `tmp/` + fsync + rename (+ fsync of the
-//!   directory), so each name holds either nothing or complete content, and a
-//!   process killed at any moment leaves the store valid; at worst `tmp/` holds
-//!   garbage that `gc` removes.
+//! - Every file is written as temp file in `tmp/` + rename, so each name holds
+//!   either nothing or complete content, and a process killed at any moment
+//!   leaves the store valid; at worst `tmp/` holds garbage that `gc` removes.
+//! - Every file is durable before anything that names it is written. Refs,
+//!   image records, layers and objects written outside ingest get an fsync of
+//!   the file before the rename and of the directory after it. Ingest writes its
+//!   blobs and trees without either and makes them durable in one batch (a
+//!   `syncfs`) before it returns the digest, under a marker that lets the next
+//!   [`Store::open`] find and repair what a power loss mid-ingest left torn: see
+//!   [`batch`] for why this is sound.
 //! - Objects are written children first: a tree is stored only after every blob
 //!   and subtree it names, and a ref only after the tree it names exists.
 //! - There is no daemon and no long-lived lock. Every operation that writes
@@ -28,6 +35,7 @@
 //! - Every read of a blob or tree verifies its blake3 against its name: a reader
 //!   gets the right bytes or an error, never wrong bytes.
 
+mod batch;
 pub mod blob;
 mod checkout;
 mod ingest;
@@ -155,7 +163,10 @@ impl Store {
         let store = Store { root: root.to_path_buf() };
         let version = root.join("VERSION");
         match std::fs::read_to_string(&version) {
-            Ok(found) if found == LAYOUT_VERSION => return Ok(store),
+            Ok(found) if found == LAYOUT_VERSION => {
+                batch::recover(&store)?;
+                return Ok(store);
+            }
             Ok(found) => return Err(StoreError::NotAStore { root: root.to_path_buf(), found }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).ctx("read", &version),
@@ -236,14 +247,41 @@ impl Store {
         sync_parent(path)
     }
 
+    /// Writes the concatenation of `parts` to `path` as temp file + rename with no
+    /// fsync: durable only once `batch` finishes (see [`batch`]).
+    fn write_unsynced(&self, path: &Path, parts: &[&[u8]], batch: &batch::Batch) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp_dir = self.root.join("tmp");
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".w")
+            .permissions(std::fs::Permissions::from_mode(0o444))
+            .tempfile_in(&tmp_dir)
+            .ctx("create a temp file in", &tmp_dir)?;
+        for part in parts {
+            tmp.write_all(part).ctx("write", tmp.path())?;
+        }
+        tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
+        batch.wrote(parts.iter().map(|p| p.len() as u64).sum());
+        Ok(())
+    }
+
     /// Stores one chunk of content (at most [`blob::CHUNK_MAX`] bytes); returns its
     /// digest. Already-present blobs are not rewritten. Callers outside ingest hold
     /// a [`Pin`] until a tree that names the blob is referenced.
     pub fn put_blob(&self, raw: &[u8]) -> Result<Digest> {
+        self.put_blob_in(raw, None)
+    }
+
+    /// [`Store::put_blob`], durable now or, with a batch, when the batch finishes.
+    fn put_blob_in(&self, raw: &[u8], batch: Option<&batch::Batch>) -> Result<Digest> {
         let digest = Digest::of(raw);
         let path = self.object_path(ObjectKind::Blob, &digest);
         if !path.exists() {
-            self.write_atomic_parts(&path, &blob::encode(raw).parts(), 0o444)?;
+            let encoded = blob::encode(raw);
+            match batch {
+                Some(batch) => self.write_unsynced(&path, &encoded.parts(), batch)?,
+                None => self.write_atomic_parts(&path, &encoded.parts(), 0o444)?,
+            }
         }
         Ok(digest)
     }
@@ -258,11 +296,19 @@ impl Store {
     /// Stores a tree whose children are already stored; returns its digest.
     /// Hold a [`Pin`] until a ref names it (see [`Store::pin`]).
     pub fn put_tree(&self, tree: &Tree) -> Result<Digest> {
+        self.put_tree_in(tree, None)
+    }
+
+    /// [`Store::put_tree`], durable now or, with a batch, when the batch finishes.
+    fn put_tree_in(&self, tree: &Tree, batch: Option<&batch::Batch>) -> Result<Digest> {
         let bytes = tree.encode();
         let digest = Digest::of(&bytes);
         let path = self.object_path(ObjectKind::Tree, &digest);
         if !path.exists() {
-            self.write_atomic(&path, &bytes, 0o444)?;
+            match batch {
+                Some(batch) => self.write_unsynced(&path, &[&bytes], batch)?,
+                None => self.write_atomic(&path, &bytes, 0o444)?,
+            }
         }
         Ok(digest)
     }

@@ -637,6 +637,73 @@ fn sigkill_during_store_add_leaves_a_valid_store() {
     assert_eq!(listing(&ctx.root().join("out")), without_write_bits(&listing(&src)));
 }
 
+/// Ingest writes objects without an fsync each and syncs them in one batch,
+/// under a marker in `unsynced/`. A marker left by a machine that went down
+/// (another boot id) makes the next open verify what was written since it:
+/// a torn blob goes, and so does every tree that names it; intact objects stay.
+#[test]
+fn a_power_loss_marker_gets_torn_objects_removed_on_open() {
+    let ctx = TestContext::new();
+    std::fs::create_dir_all(ctx.root().join("src/sub")).unwrap();
+    std::fs::write(ctx.root().join("src/sub/torn"), random_bytes(7, 300_000)).unwrap();
+    ctx.write("src/intact", "intact");
+    let tree = digest_of(&ctx.run(&["store", "add", "src"]));
+    let unsynced = ctx.store().join("unsynced");
+    assert_eq!(
+        std::fs::read_dir(&unsynced).unwrap().count(),
+        0,
+        "finished ingests leave no marker"
+    );
+
+    let store = Store::open(&ctx.store()).unwrap();
+    let file = |path: &str| match store
+        .walk(&tree)
+        .find(|e| e.as_ref().unwrap().path == Path::new(path))
+    {
+        Some(Ok(pkg::store::WalkEntry { node: pkg::store::Node::File(f), .. })) => f,
+        other => panic!("{path}: {other:?}"),
+    };
+    let torn = file("sub/torn").chunks()[0].digest;
+    let intact = file("intact").chunks()[0].digest;
+    let sub = store.read_tree(&tree).unwrap().iter().find_map(|(_, n)| match n {
+        pkg::store::Node::Dir(d) => Some(d.digest),
+        _ => None,
+    });
+    let sub = sub.unwrap();
+
+    // A marker from another boot, and a blob the lost page cache left empty.
+    std::fs::write(unsynced.join("ingest-lost"), "another boot\n").unwrap();
+    let torn_path = objects(&ctx.store()).into_iter().find(|(_, d, _)| *d == torn).unwrap().2;
+    set_mode(&torn_path, 0o644);
+    std::fs::write(&torn_path, b"").unwrap();
+
+    let verify = ctx.run(&["store", "verify"]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
+    assert_eq!(std::fs::read_dir(&unsynced).unwrap().count(), 0, "the marker is recovered");
+    assert!(!store.contains(ObjectKind::Blob, &torn));
+    assert!(!store.contains(ObjectKind::Tree, &sub), "the tree naming the torn blob goes");
+    assert!(!store.contains(ObjectKind::Tree, &tree), "and so does its parent");
+    assert!(store.contains(ObjectKind::Blob, &intact));
+
+    // A marker from this boot is a killed writer: its objects are intact in
+    // the page cache, so the open only syncs and removes the marker.
+    let again = digest_of(&ctx.run(&["store", "add", "src"]));
+    assert_eq!(again, tree);
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    std::fs::write(unsynced.join("ingest-killed"), boot).unwrap();
+    let before = objects(&ctx.store()).len();
+    let verify = ctx.run(&["store", "verify"]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
+    assert_eq!(std::fs::read_dir(&unsynced).unwrap().count(), 0);
+    assert_eq!(objects(&ctx.store()).len(), before);
+    let co = ctx.run(&["store", "checkout", &tree.to_string(), "out"]);
+    assert!(co.status.success(), "{}", stderr(&co));
+    assert_eq!(
+        listing(&ctx.root().join("out")),
+        without_write_bits(&listing(&ctx.root().join("src")))
+    );
+}
+
 crate::rootless_test! {
     /// The store needs no privilege: add, checkout, gc and removal as a plain user.
     fn store_works_unprivileged() {
