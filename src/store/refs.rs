@@ -175,23 +175,7 @@ impl Store {
     /// The image recorded as `name`, if any.
     pub fn image(&self, name: &RefName) -> Result<Option<ImageRecord>> {
         let path = self.refs_dir("images").join(name.file_name());
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).ctx("read", &path),
-        };
-        let corrupt = |reason: String| StoreError::CorruptRef { path: path.clone(), reason };
-        let file: ImageRecordFile =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if file.version != 1 {
-            return Err(corrupt(format!("unsupported image record version {}", file.version)));
-        }
-        let trees = file
-            .trees
-            .iter()
-            .map(|t| t.parse::<Digest>().map_err(|e| corrupt(format!("{t:?}: {e}"))))
-            .collect::<Result<_>>()?;
-        Ok(Some(ImageRecord { trees, metadata: file.metadata }))
+        Ok(read_record(&path, "image")?.map(|(trees, metadata)| ImageRecord { trees, metadata }))
     }
 
     /// Removes the image `name`; returns whether it existed.
@@ -232,23 +216,7 @@ impl Store {
     /// The import recorded for the manifest with sha256 `manifest`, if any.
     pub fn import_record(&self, manifest: &str) -> Result<Option<ImportRecord>> {
         let path = self.import_path(manifest)?;
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).ctx("read", &path),
-        };
-        let corrupt = |reason: String| StoreError::CorruptRef { path: path.clone(), reason };
-        let file: ImageRecordFile =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if file.version != 1 {
-            return Err(corrupt(format!("unsupported import record version {}", file.version)));
-        }
-        let trees = file
-            .trees
-            .iter()
-            .map(|t| t.parse::<Digest>().map_err(|e| corrupt(format!("{t:?}: {e}"))))
-            .collect::<Result<_>>()?;
-        Ok(Some(ImportRecord { trees, metadata: file.metadata }))
+        Ok(read_record(&path, "import")?.map(|(trees, metadata)| ImportRecord { trees, metadata }))
     }
 
     /// Removes the import of manifest `manifest`; returns whether it existed.
@@ -333,6 +301,31 @@ impl Store {
             Err(e) => Err(e).ctx("remove", &path),
         }
     }
+}
+
+/// The trees and metadata of the record file at `path` (an image or import
+/// record, named `what` in errors), if it exists.
+fn read_record(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<Option<(BTreeSet<Digest>, serde_json::Value)>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).ctx("read", path),
+    };
+    let corrupt = |reason: String| StoreError::CorruptRef { path: path.to_path_buf(), reason };
+    let file: ImageRecordFile =
+        serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    if file.version != 1 {
+        return Err(corrupt(format!("unsupported {what} record version {}", file.version)));
+    }
+    let trees = file
+        .trees
+        .iter()
+        .map(|t| t.parse::<Digest>().map_err(|e| corrupt(format!("{t:?}: {e}"))))
+        .collect::<Result<_>>()?;
+    Ok(Some((trees, file.metadata)))
 }
 
 #[cfg(test)]

@@ -57,6 +57,22 @@ impl TestContext {
     }
 }
 
+/// Runs a peer tool and insists on success; a missing tool fails with the package to install.
+pub fn tool(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run `{program}` ({e}): install it with `apt-get install {program}` (scripts/test.sh does)")
+    });
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed ({}):\n{}\n{}",
+        args.join(" "),
+        out.status,
+        stdout(&out),
+        stderr(&out)
+    );
+    out
+}
+
 /// Text of a process's stdout.
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

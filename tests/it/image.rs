@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use pkg::digest::Digest;
 use pkg::image::{
@@ -16,23 +16,7 @@ use pkg::image::{
 use pkg::platform::{Arch, Platform};
 use pkg::store::Store;
 
-use crate::common::{TestContext, stderr, stdout};
-
-/// Runs a peer tool and insists on success; a missing tool fails with the package to install.
-fn tool(program: &str, args: &[&str]) -> Output {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run `{program}` ({e}): install it with `apt-get install {program}` (scripts/test.sh does)")
-    });
-    assert!(
-        out.status.success(),
-        "`{program} {}` failed ({}):\n{}\n{}",
-        args.join(" "),
-        out.status,
-        stdout(&out),
-        stderr(&out)
-    );
-    out
-}
+use crate::common::{TestContext, stderr, stdout, tool};
 
 /// Writes files (`path`, content, mode) and symlinks (`path`, "->target", 0) under `root`.
 fn make_dir(root: &Path, entries: &[(&str, &str, u32)]) -> PathBuf {

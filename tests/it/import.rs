@@ -18,7 +18,7 @@ use pkg::platform::{Arch, Platform};
 use pkg::store::{Node, Store};
 
 use crate::assert_snapshot;
-use crate::common::{TestContext, stderr, stdout};
+use crate::common::{TestContext, stderr, stdout, tool};
 
 // ---------------------------------------------------------------- tar layers
 
@@ -825,21 +825,6 @@ fn files_dedup_with_the_rest_of_the_store() {
     let tree = store.read_tree(&imported.layers[0]).unwrap();
     let Some(Node::File(from_layer)) = tree.entries.values().next() else { panic!("{tree:?}") };
     assert_eq!(from_layer.chunks(), file.chunks());
-}
-
-// ------------------------------------------------------ written by others
-
-fn tool(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run `{program}` ({e}): install it with `apt-get install {program}` (scripts/test.sh does)")
-    });
-    assert!(
-        out.status.success(),
-        "`{program} {}` failed:\n{}\n{}",
-        args.join(" "),
-        stdout(&out),
-        stderr(&out)
-    );
 }
 
 fn write_files(root: &Path, files: &[(&str, &str)]) {
