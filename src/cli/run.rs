@@ -257,10 +257,18 @@ fn foreign(
     host: &RunHost,
     settings: &Settings,
 ) -> Result<RunImage, Failure> {
+    use crate::image::import::{ImportError, ImportRequest, import};
     let platform = args.platform.unwrap_or(host.platform);
-    let request = crate::image::import::ImportRequest { source, reference, platform };
-    let imported =
-        crate::image::import::import(store, &request).map_err(miette::Report::from_err)?;
+    let imported = match import(store, &ImportRequest { source, reference, platform }) {
+        // A single-platform image of another architecture runs as it is
+        // (through qemu-user) unless --platform asked for another, as a
+        // store image with one platform does.
+        Err(ImportError::PlatformMismatch { found, .. }) if args.platform.is_none() => {
+            import(store, &ImportRequest { source, reference, platform: found })
+        }
+        other => other,
+    }
+    .map_err(miette::Report::from_err)?;
     if !settings.quiet {
         for warning in &imported.warnings {
             eprintln!("warning: {warning}");

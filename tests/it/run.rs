@@ -383,6 +383,18 @@ rootless_test! {
 rootless_test! {
     fn arm64_image_runs_through_qemu() {
         let ctx = TestContext::new();
+        // A foreign image with only an arm64 variant runs without --platform.
+        let layout = ctx.root().join("hello-arm64");
+        let output = format!("oci:{}", layout.display());
+        let built = ctx.run(&["build", &recipe("hello"), "--platform", "linux/arm64", "-o", &output]);
+        assert!(built.status.success(), "{}", stderr(&built));
+        let (code, out) = run(&ctx, &[&format!("{output}:hello"), "from", "arm64"]);
+        assert_eq!(
+            (code, stdout(&out).as_str()),
+            (0, "Hello from pkg!\narg 1: from\narg 2: arm64\n"),
+            "{}",
+            stderr(&out)
+        );
         let (code, out) = run(&ctx, &["--platform", "linux/arm64", &recipe("hello-go"), "--once"]);
         assert_eq!((code, stdout(&out).as_str()), (0, "Hello from Go on linux/arm64!\n"), "{}", stderr(&out));
     }
