@@ -174,7 +174,19 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
         Ok(status) => Ok(ExitCode::from(status.code().clamp(0, 255) as u8)),
         Err(error) => {
             let code = u8::try_from(error.exit_code()).unwrap_or(FAILED_TO_START);
-            Err(Failure { report: miette::Report::from_err(error), code })
+            let overlay_refused = matches!(
+                &error,
+                crate::sandbox::SandboxError::Setup { step, .. } if step.starts_with("mount overlay")
+            );
+            let mut report = miette::Report::from_err(error);
+            if overlay_refused {
+                report = report.wrap_err(
+                    "this kernel refuses overlayfs inside a user namespace, which `pkg run` \
+                     needs for the image's root filesystem (Linux 5.11 or later allows it; \
+                     `pkg doctor` checks it)",
+                );
+            }
+            Err(Failure { report, code })
         }
     }
 }
