@@ -304,6 +304,7 @@ pub fn prepare(
     if !workdir.starts_with('/') {
         return Err(RunError::RelativeWorkdir(workdir.to_string()));
     }
+    let workdir = &normalize(workdir);
 
     let mut env_vars = image.config.env.clone();
     if !env_vars.iter().any(|(n, _)| n == "PATH") {
@@ -460,6 +461,22 @@ fn around(id: u32, own: u32, (start, count): (u32, u32)) -> Option<Vec<IdRange>>
     Some(ranges)
 }
 
+/// An absolute path with `.`, `..` and repeated `/` resolved lexically, as
+/// docker does for `-w` (`..` stops at `/`).
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 /// The host emulator an image of another architecture needs, if it needs one.
 fn emulator_for(image: &RunImage, host: &RunHost) -> Result<Option<PathBuf>> {
     let (arch, host_arch) = (image.platform.arch(), host.platform.arch());
@@ -528,6 +545,14 @@ mod tests {
 
     fn ranges(list: &[(u32, u32, u32)]) -> Vec<IdRange> {
         list.iter().map(|&(inside, outside, count)| IdRange { inside, outside, count }).collect()
+    }
+
+    #[test]
+    fn working_directories_are_normalized_like_dockers() {
+        assert_eq!(normalize("/"), "/");
+        assert_eq!(normalize("/a/./b//c/"), "/a/b/c");
+        assert_eq!(normalize("/a/../b"), "/b");
+        assert_eq!(normalize("/../.."), "/");
     }
 
     #[test]

@@ -357,6 +357,8 @@ rootless_test! {
             "{}",
             stderr(&out)
         );
+        let (code, out) = run(&ctx, &["-w", "/tmp/../etc/", &image, "pwd"]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "/etc\n"), "{}", stderr(&out));
         // --entrypoint replaces the program; -i passes stdin through.
         let mut child = ctx
             .pkg()
