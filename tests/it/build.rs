@@ -551,7 +551,16 @@ crate::rootless_test! {
         // Every process of the build was reaped with it.
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            assert!(cmdline != b"sleep\x00300\x00", "a build process survived: {:?}", entry.path());
+            if cmdline == b"sleep\x00300\x00" {
+                // What it is, for whoever meets this: its state, parents and namespaces.
+                let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+                let facts: Vec<&str> = status
+                    .lines()
+                    .filter(|l| ["State", "PPid", "NSpid", "Uid"].iter().any(|k| l.starts_with(k)))
+                    .collect();
+                let pid_ns = std::fs::read_link(entry.path().join("ns/pid")).ok();
+                panic!("a build process survived: {:?} {facts:?} pid ns {pid_ns:?}", entry.path());
+            }
         }
     }
 }
