@@ -161,15 +161,8 @@ impl Store {
         for tree in &record.trees {
             self.require_tree(tree)?;
         }
-        let file = ImageRecordFile {
-            version: 1,
-            trees: record.trees.iter().map(Digest::to_string).collect(),
-            metadata: record.metadata.clone(),
-        };
-        let mut bytes = serde_json::to_vec_pretty(&file).expect("JSON values serialize");
-        bytes.push(b'\n');
         let path = self.refs_dir("images").join(name.file_name());
-        self.write_atomic(&path, &bytes, 0o644)
+        self.write_atomic(&path, &record_bytes(&record.trees, &record.metadata), 0o644)
     }
 
     /// The image recorded as `name`, if any.
@@ -203,14 +196,7 @@ impl Store {
         }
         let dir = self.refs_dir("imports");
         std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-        let file = ImageRecordFile {
-            version: 1,
-            trees: record.trees.iter().map(Digest::to_string).collect(),
-            metadata: record.metadata.clone(),
-        };
-        let mut bytes = serde_json::to_vec_pretty(&file).expect("JSON values serialize");
-        bytes.push(b'\n');
-        self.write_atomic(&path, &bytes, 0o644)
+        self.write_atomic(&path, &record_bytes(&record.trees, &record.metadata), 0o644)
     }
 
     /// The import recorded for the manifest with sha256 `manifest`, if any.
@@ -301,6 +287,18 @@ impl Store {
             Err(e) => Err(e).ctx("remove", &path),
         }
     }
+}
+
+/// The file contents of an image or import record.
+fn record_bytes(trees: &BTreeSet<Digest>, metadata: &serde_json::Value) -> Vec<u8> {
+    let file = ImageRecordFile {
+        version: 1,
+        trees: trees.iter().map(Digest::to_string).collect(),
+        metadata: metadata.clone(),
+    };
+    let mut bytes = serde_json::to_vec_pretty(&file).expect("JSON values serialize");
+    bytes.push(b'\n');
+    bytes
 }
 
 /// The trees and metadata of the record file at `path` (an image or import

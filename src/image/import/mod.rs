@@ -249,12 +249,8 @@ struct Manifest {
 
 #[derive(Deserialize)]
 struct Config {
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    variant: Option<String>,
+    #[serde(flatten)]
+    platform: DescriptorPlatform,
     rootfs: RootFs,
 }
 
@@ -478,9 +474,9 @@ pub fn import(store: &Store, request: &ImportRequest<'_>) -> Result<Imported, Im
         parse(&config_bytes, || format!("config {config_digest} in {}", source.location()))?;
     let platform = check_platform(
         request.platform,
-        &config.os,
-        &config.architecture,
-        config.variant.as_deref(),
+        &config.platform.os,
+        &config.platform.architecture,
+        config.platform.variant.as_deref(),
     )?;
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
         return Err(ImportError::LayerCount {
