@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Side by side, in one hyperfine run (warm): start-to-exit of a static /hello
-#   pkg run --net none IMAGE /hello                       (image in the store, layers checked out)
-#   bwrap --unshare-all --ro-bind ROOTFS / --proc /proc --dev /dev /hello   (the same root filesystem)
-#   podman run --rm --runtime runc --network none IMAGE /hello   (the same image, copied in once)
+#   pkg run --net none IMAGE /hello          the image's user is root, so its ids 1… map to the
+#                                            caller's subordinate range (newuidmap, newgidmap)
+#   pkg run --user 1000 --net none IMAGE /hello   one id mapped, written directly, as bwrap does
+#   bwrap --unshare-all --ro-bind ROOTFS / --proc /proc --dev /dev /hello   (the same root filesystem;
+#                                            maps the caller's uid only)
+#   podman run --rm --runtime runc --network none IMAGE /hello   (the same image, copied in once;
+#                                            maps the subordinate range, as pkg's first row)
 # Targets: pkg run no slower than bwrap, at least 30x faster than podman.
 #
 # Rootless is measured rootless: run as a normal user, or as root to have the
@@ -61,6 +65,7 @@ skopeo copy -q "oci:$work/oci:hello-bench" "containers-storage:$podman_image"
 
 hyperfine -N --warmup 10 --runs "$runs" \
     --command-name "pkg run" "./pkg run --net none hello-bench /hello" \
+    --command-name "pkg run --user 1000" "./pkg run --user 1000 --net none hello-bench /hello" \
     --command-name "bwrap" "bwrap --unshare-all --ro-bind $work/rootfs / --proc /proc --dev /dev /hello" \
     --command-name "podman run" "podman run --rm --runtime runc --network none $podman_image /hello"
 podman rmi -f "$podman_image" >/dev/null 2>&1 || true

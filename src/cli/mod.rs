@@ -177,19 +177,13 @@ fn default_store(xdg_data_home: Option<PathBuf>, home: Option<PathBuf>) -> Optio
         .or_else(|| home.map(|h| h.join(".local/share/pkg")))
 }
 
-/// The process entry point. The work runs on a thread with a large stack:
-/// dependency graphs are walked recursively, and a recipe may chain tens of
-/// thousands of packages. Only the pages a walk touches are ever allocated.
+/// The process entry point. Commands that load a recipe run on a thread
+/// with a large stack: dependency graphs are walked recursively, and a
+/// recipe may chain tens of thousands of packages (only the pages a walk
+/// touches are ever allocated). The others stay on the main thread, which
+/// keeps `pkg run IMAGE` from paying for a thread and its malloc arena.
 pub fn main() -> ExitCode {
     const STACK: usize = 512 << 20;
-    std::thread::Builder::new()
-        .name("pkg".into())
-        .stack_size(STACK)
-        .spawn(main_on_this_thread)
-        .map_or_else(|_| main_on_this_thread(), |worker| worker.join().unwrap_or(ExitCode::FAILURE))
-}
-
-fn main_on_this_thread() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
@@ -203,6 +197,33 @@ fn main_on_this_thread() -> ExitCode {
             };
         }
     };
+    if !cli.command.loads_recipe() {
+        return execute(cli);
+    }
+    let worker = std::thread::Builder::new().name("pkg".into()).stack_size(STACK);
+    match worker.spawn(move || execute(cli)) {
+        Ok(worker) => worker.join().unwrap_or(ExitCode::FAILURE),
+        // No room for the stack: parse again (it parsed once) and stay here.
+        Err(_) => Cli::try_parse_from(&argv).map_or(ExitCode::FAILURE, execute),
+    }
+}
+
+impl Command {
+    /// Whether the command loads a recipe (and walks its graph).
+    fn loads_recipe(&self) -> bool {
+        match self {
+            Command::Build(_) | Command::Fetch(_) | Command::Graph(_) => true,
+            Command::Run(args) => run::names_recipe(args),
+            Command::Doctor(_)
+            | Command::Completions { .. }
+            | Command::Images(_)
+            | Command::Assemble(_)
+            | Command::Store(_) => false,
+        }
+    }
+}
+
+fn execute(cli: Cli) -> ExitCode {
     let color = cli.global.color;
     let failed = if matches!(cli.command, Command::Run(_)) { run::FAILED_TO_START } else { 1 };
     let result = Settings::resolve(&cli.global).and_then(|settings| {

@@ -114,6 +114,13 @@ impl Target {
     }
 }
 
+/// Whether the target is a recipe (built before it runs), judged from the
+/// process's working directory.
+pub fn names_recipe(args: &RunArgs) -> bool {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    matches!(Target::parse(&args.target, &cwd), Target::Recipe(_))
+}
+
 /// Runs `pkg run`; every failure before the workload starts exits 125.
 pub fn run(args: RunArgs, settings: &Settings) -> ExitCode {
     match start(args, settings) {

@@ -39,6 +39,8 @@ pub enum LaunchStep {
     ResetSignals,
     Exec,
     NewSession,
+    /// Unsharing the namespaces made after the clone.
+    Unshare,
 }
 
 impl LaunchStep {
@@ -52,6 +54,7 @@ impl LaunchStep {
             LaunchStep::ResetSignals => 0x8000_0004,
             LaunchStep::Exec => 0x8000_0005,
             LaunchStep::NewSession => 0x8000_0006,
+            LaunchStep::Unshare => 0x8000_0007,
         }
     }
 
@@ -64,6 +67,7 @@ impl LaunchStep {
             0x8000_0004 => LaunchStep::ResetSignals,
             0x8000_0005 => LaunchStep::Exec,
             0x8000_0006 => LaunchStep::NewSession,
+            0x8000_0007 => LaunchStep::Unshare,
             i if i < 0x8000_0000 => LaunchStep::Plan(i),
             _ => return None,
         })

@@ -66,7 +66,17 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     // its (blocked) signals with sigwaitinfo.
     sys.reset_signal_handlers();
     let grouped = !launch.plan.exec.own_process_group || sys.new_process_group().is_ok();
-    if !grouped || sys.kill_with_parent().is_err() || channel.wait_for_mapping(sys).is_err() {
+    if !grouped || sys.kill_with_parent().is_err() {
+        sys.exit(SETUP_FAILED);
+    }
+    // Done while the caller writes the id maps; a failure is reported once
+    // they are written, when the caller reads the channel.
+    let unshared = sys.unshare(launch.plan.unshare_flags);
+    if channel.wait_for_mapping(sys).is_err() {
+        sys.exit(SETUP_FAILED);
+    }
+    if let Err(errno) = unshared {
+        channel.report(sys, Report::SetupFailed { step: LaunchStep::Unshare, errno });
         sys.exit(SETUP_FAILED);
     }
     if let Err(failure) = run_steps(sys, &launch.plan.steps) {

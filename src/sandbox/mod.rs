@@ -509,6 +509,7 @@ fn describe(plan: &Plan, step: LaunchStep) -> String {
         LaunchStep::ResetSignals => "reset the workload's signal state".into(),
         LaunchStep::Exec => "exec the workload".into(),
         LaunchStep::NewSession => "start a new session for the workload".into(),
+        LaunchStep::Unshare => format!("unshare the namespaces {:?}", plan.unshare_flags),
     }
 }
 

@@ -184,7 +184,13 @@ pub struct Credentials {
 /// The launcher's whole setup.
 #[derive(Debug)]
 pub struct Plan {
+    /// The namespaces the launcher is cloned into: a user namespace, whose
+    /// id maps the caller writes, and the PID namespace it is PID 1 of.
     pub clone_flags: CloneFlags,
+    /// The namespaces the launcher unshares itself while the caller writes
+    /// its id maps (a network namespace alone takes about half a
+    /// millisecond to make, as long as newuidmap takes to start).
+    pub unshare_flags: CloneFlags,
     pub steps: Vec<Step>,
     pub exec: ExecPlan,
 }
@@ -495,16 +501,14 @@ impl Plan {
         b.push(Step::SetUmask(spec.umask));
         b.push(Step::NoNewPrivs);
 
-        let mut clone_flags = CloneFlags::CLONE_NEWUSER
-            | CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC;
+        let clone_flags = CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWPID;
+        let mut unshare_flags =
+            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
         if spec.network != Network::Host {
-            clone_flags |= CloneFlags::CLONE_NEWNET;
+            unshare_flags |= CloneFlags::CLONE_NEWNET;
         }
 
-        Ok(Plan { clone_flags, steps: b.steps, exec: exec_plan(spec)? })
+        Ok(Plan { clone_flags, unshare_flags, steps: b.steps, exec: exec_plan(spec)? })
     }
 }
 

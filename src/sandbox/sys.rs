@@ -124,6 +124,8 @@ pub trait Syscall {
     /// the C library's fork handlers (which take the allocator's locks).
     /// The child may only make async-signal-safe calls until it execs or exits.
     fn clone_process(&self, flags: CloneFlags) -> SysResult<Forked>;
+    /// Moves the calling process into new namespaces of the kinds in `flags`.
+    fn unshare(&self, flags: CloneFlags) -> SysResult<()>;
     /// A close-on-exec pipe: (read end, write end).
     fn pipe(&self) -> SysResult<(OwnedFd, OwnedFd)>;
     fn close(&self, fd: RawFd);
@@ -368,6 +370,10 @@ impl Syscall for LinuxSyscall {
             0 => Ok(Forked::Child),
             pid => Ok(Forked::Parent { child: Pid::from_raw(pid as libc::pid_t) }),
         }
+    }
+
+    fn unshare(&self, flags: CloneFlags) -> SysResult<()> {
+        nix::sched::unshare(flags)
     }
 
     fn pipe(&self) -> SysResult<(OwnedFd, OwnedFd)> {

@@ -148,6 +148,9 @@ impl Syscall for Recorder {
         self.record(format!("clone {flags:?}"))?;
         Ok(Forked::Parent { child: Pid::from_raw(2) })
     }
+    fn unshare(&self, flags: CloneFlags) -> SysResult<()> {
+        self.record(format!("unshare {flags:?}"))
+    }
     fn pipe(&self) -> SysResult<(OwnedFd, OwnedFd)> {
         self.record("pipe".into())?;
         // Real descriptors, so the launcher may turn them into raw ones.
@@ -378,21 +381,19 @@ fn overlay_root_stacks_layers_topmost_first_over_a_tmpfs_upper() {
 #[test]
 fn network_choice_decides_the_namespace_and_loopback() {
     let none = plan(&build_spec());
-    assert!(none.clone_flags.contains(CloneFlags::CLONE_NEWNET));
+    assert!(none.unshare_flags.contains(CloneFlags::CLONE_NEWNET));
     assert!(none.steps.contains(&Step::LoopbackUp));
     let mut spec = build_spec();
     spec.network = Network::Host;
     let host = plan(&spec);
-    assert!(!host.clone_flags.contains(CloneFlags::CLONE_NEWNET));
+    assert!(!host.unshare_flags.contains(CloneFlags::CLONE_NEWNET));
     assert!(!host.steps.contains(&Step::LoopbackUp));
-    for flag in [
-        CloneFlags::CLONE_NEWUSER,
-        CloneFlags::CLONE_NEWNS,
-        CloneFlags::CLONE_NEWPID,
-        CloneFlags::CLONE_NEWUTS,
-        CloneFlags::CLONE_NEWIPC,
-    ] {
-        assert!(host.clone_flags.contains(flag) && none.clone_flags.contains(flag));
+    for plan in [none, host] {
+        // Cloned into its user and PID namespaces; unshares the rest itself.
+        assert_eq!(plan.clone_flags, CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWPID);
+        for flag in [CloneFlags::CLONE_NEWNS, CloneFlags::CLONE_NEWUTS, CloneFlags::CLONE_NEWIPC] {
+            assert!(plan.unshare_flags.contains(flag));
+        }
     }
 }
 
@@ -509,7 +510,7 @@ fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
     assert_eq!(run_launcher(&sys, &p), 3);
     let calls = sys.calls();
     assert_eq!(
-        &calls[..7],
+        &calls[..8],
         [
             "close_range 3 9",
             "close_range 11 11",
@@ -517,6 +518,7 @@ fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
             "close_range 102 2147483647",
             "reset_signal_handlers",
             "kill_with_parent",
+            "unshare CloneFlags(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)",
             "read 100"
         ]
     );
@@ -531,6 +533,19 @@ fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
     let exited = sys.position("write 101 [4, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0]");
     assert!(started < exited);
     assert_eq!(calls.last().unwrap(), "exit 3");
+}
+
+#[test]
+fn launcher_reports_a_failed_unshare_once_the_maps_are_written() {
+    let p = plan(&build_spec());
+    let sys = Recorder { fail: Some(("unshare", Errno::ENOSPC)), ..Recorder::default() };
+    sys.reads.borrow_mut().push_back(vec![1]);
+    assert_eq!(run_launcher(&sys, &p), 125);
+    let calls = sys.calls();
+    // Step 0x8000_0007 (Unshare), errno 28 (ENOSPC), after the mapping ack.
+    let report = sys.position("write 101 [2, 0, 0, 0, 7, 0, 0, 128, 28, 0, 0, 0]");
+    assert!(sys.position("read 100") < report);
+    assert!(!calls.iter().any(|c| c.starts_with("mount")));
 }
 
 #[test]
