@@ -87,7 +87,7 @@ fn tool_path(recipe: &Recipe, settings: &Settings) -> Option<std::ffi::OsString>
 pub fn run(args: BuildArgs, settings: &Settings) -> miette::Result<ExitCode> {
     let (recipe, graph) = args.target.load_and_plan()?;
     let store = Store::open(&settings.store).into_diagnostic()?;
-    let jobs = args.jobs.map_or(settings.cores, |j| j as usize);
+    let jobs = args.jobs.map_or(settings.cores(), |j| j as usize);
     let options = BuildOptions {
         uid: settings.uid,
         gid: settings.gid,
@@ -135,12 +135,12 @@ pub(crate) fn build_images(
     let options = BuildOptions {
         uid: settings.uid,
         gid: settings.gid,
-        jobs: settings.cores,
+        jobs: settings.cores(),
         offline: false,
         check: false,
     };
     let report = build(&recipe, &graph, &store, options, settings)?;
-    let images = assemble(&recipe, &graph, &store, &report, settings.cores, settings)?;
+    let images = assemble(&recipe, &graph, &store, &report, settings.cores(), settings)?;
     Ok((store, images))
 }
 

@@ -126,11 +126,15 @@ pub struct Settings {
     /// The caller's real uid and gid, mapped to root inside build sandboxes.
     pub uid: u32,
     pub gid: u32,
-    /// Cores available to this process: the default number of parallel builds.
-    pub cores: usize,
 }
 
 impl Settings {
+    /// Cores available to this process: the default number of parallel
+    /// builds. Asked for when needed (it reads the cgroup's CPU quota).
+    pub fn cores(&self) -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
     fn resolve(global: &GlobalArgs) -> miette::Result<Self> {
         use std::io::IsTerminal;
         let cwd = std::env::current_dir()
@@ -164,7 +168,6 @@ impl Settings {
             path: std::env::var_os("PATH"),
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     }
 }

@@ -5,6 +5,7 @@
 //! status: the workload's (128+N for signal N); 125 when pkg fails before
 //! the workload starts; 126 when it cannot be executed; 127 when not found.
 
+use std::cell::LazyCell;
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -298,38 +299,39 @@ fn foreign(
 
 /// What this machine offers the sandbox.
 fn host_facts(settings: &Settings) -> RunHost {
-    let tools = HostTools::new(settings.path.clone());
-    let user = nix::unistd::User::from_uid(settings.uid.into())
+    let (uid, gid, path) = (settings.uid, settings.gid, settings.path.clone());
+    let existing = |path: &str| Some(PathBuf::from(path)).filter(|p| p.exists());
+    RunHost {
+        uid,
+        gid,
+        subordinate: LazyCell::new(Box::new(move || subordinate(uid, gid, path))),
+        platform: Platform::host(),
+        tools: HostTools::new(settings.path.clone()),
+        resolv_conf: existing("/etc/resolv.conf"),
+        hosts: existing("/etc/hosts"),
+        term: std::env::var("TERM").ok(),
+    }
+}
+
+/// The subordinate ranges `/etc/subuid` and `/etc/subgid` grant the caller
+/// (by name or number), if both do and newuidmap and newgidmap are on `PATH`.
+fn subordinate(uid: u32, gid: u32, path: Option<OsString>) -> Option<Subordinate> {
+    let user = nix::unistd::User::from_uid(uid.into())
         .ok()
         .flatten()
-        .map_or_else(|| settings.uid.to_string(), |u| u.name);
+        .map_or_else(|| uid.to_string(), |u| u.name);
     let range = |file: &str, id: u32| {
         std::fs::read_to_string(file)
             .ok()
             .and_then(|text| crate::sandbox::subordinate_range(&text, &user, id))
     };
-    let subordinate = match (
-        range("/etc/subuid", settings.uid),
-        range("/etc/subgid", settings.gid),
-        tools.which("newuidmap"),
-        tools.which("newgidmap"),
-    ) {
-        (Some(uids), Some(gids), Some(newuidmap), Some(newgidmap)) => {
-            Some(Subordinate { uids, gids, newuidmap, newgidmap })
-        }
-        _ => None,
-    };
-    let existing = |path: &str| Some(PathBuf::from(path)).filter(|p| p.exists());
-    RunHost {
-        uid: settings.uid,
-        gid: settings.gid,
-        subordinate,
-        platform: Platform::host(),
-        tools,
-        resolv_conf: existing("/etc/resolv.conf"),
-        hosts: existing("/etc/hosts"),
-        term: std::env::var("TERM").ok(),
-    }
+    let tools = HostTools::new(path);
+    Some(Subordinate {
+        uids: range("/etc/subuid", uid)?,
+        gids: range("/etc/subgid", gid)?,
+        newuidmap: tools.which("newuidmap")?,
+        newgidmap: tools.which("newgidmap")?,
+    })
 }
 
 /// The docker-style options, with env files read and volumes resolved.

@@ -25,6 +25,7 @@ pub mod env;
 pub mod user;
 pub mod view;
 
+use std::cell::LazyCell;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -265,12 +266,18 @@ pub struct Subordinate {
     pub newgidmap: PathBuf,
 }
 
+/// The caller's subordinate ranges and the helpers that map them, looked up
+/// on first use: only a root workload needs them, and the lookup (the
+/// caller's name, `/etc/subuid`, `/etc/subgid`, `PATH`) is a good share of
+/// a non-root run's start-up.
+pub type LazySubordinate = LazyCell<Option<Subordinate>, Box<dyn FnOnce() -> Option<Subordinate>>>;
+
 /// What the caller knows about this machine.
 #[derive(Debug)]
 pub struct RunHost {
     pub uid: u32,
     pub gid: u32,
-    pub subordinate: Option<Subordinate>,
+    pub subordinate: LazySubordinate,
     pub platform: Platform,
     /// Finds qemu-user emulators.
     pub tools: HostTools,
@@ -430,7 +437,10 @@ fn resolve_user(view: &RootView<'_>, image: &RunImage, spec: &str) -> Result<use
 /// starts without running the newuidmap/newgidmap helpers.
 fn id_mapping(host: &RunHost, user: &user::User) -> (IdMapping, Option<(u32, u32)>) {
     let single = || (IdMapping::single(user.uid, user.gid, host.uid, host.gid), None);
-    let Some(sub) = host.subordinate.as_ref().filter(|_| user.uid == 0) else { return single() };
+    // Looked up only here, for a root workload.
+    let Some(sub) = (user.uid == 0).then(|| host.subordinate.as_ref()).flatten() else {
+        return single();
+    };
     let (Some(uids), Some(gids)) =
         (around(user.uid, host.uid, sub.uids), around(user.gid, host.gid, sub.gids))
     else {

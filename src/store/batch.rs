@@ -212,6 +212,10 @@ pub(super) fn recover(store: &Store) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).ctx("list", &dir),
     };
+    let mut entries = entries.peekable();
+    if entries.peek().is_none() {
+        return Ok(());
+    }
     let now = boot_id();
     let mut stale = Vec::new();
     for entry in entries {
