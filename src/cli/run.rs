@@ -174,10 +174,8 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
         Ok(status) => Ok(ExitCode::from(status.code().clamp(0, 255) as u8)),
         Err(error) => {
             let code = u8::try_from(error.exit_code()).unwrap_or(FAILED_TO_START);
-            let overlay_refused = matches!(
-                &error,
-                crate::sandbox::SandboxError::Setup { step, .. } if step.starts_with("mount overlay")
-            );
+            let overlay_refused =
+                matches!(&error, crate::sandbox::SandboxError::OverlayRefused { .. });
             let mut report = miette::Report::from_err(error);
             if overlay_refused {
                 report = report.wrap_err(
