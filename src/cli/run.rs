@@ -195,7 +195,7 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
     let status = run_with_overlay(
         &mut prepared.spec,
         args.overlay.into(),
-        host.tools.which("fuse-overlayfs").as_deref(),
+        || host.tools.which("fuse-overlayfs"),
         |spec| sandbox.run_forwarding(spec),
         |reason| {
             if !settings.quiet {

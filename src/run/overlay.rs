@@ -9,7 +9,7 @@
 //! [`OverlayDriver::Auto`] then tries again with fuse-overlayfs, and a host
 //! that allows overlayfs pays nothing for the fallback.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::sandbox::{ExitStatus, SandboxError, SandboxSpec};
 
@@ -71,13 +71,13 @@ impl OverlayError {
 
 /// Runs `spec` (an overlay root) through `sandbox` (the caller's
 /// [`crate::sandbox::Sandbox::run_forwarding`], or a fake) with the overlay
-/// `driver` asks for, where `fuse_overlayfs` is the host's fuse-overlayfs, if
-/// any. `using_fuse` hears why, once, before the workload starts on a
-/// fuse-overlayfs root.
+/// `driver` asks for. `fuse_overlayfs` finds the host's fuse-overlayfs, only
+/// when it is needed; `using_fuse` hears why, once, before the workload
+/// starts on a fuse-overlayfs root.
 pub fn run_with_overlay(
     spec: &mut SandboxSpec,
     driver: OverlayDriver,
-    fuse_overlayfs: Option<&Path>,
+    fuse_overlayfs: impl FnOnce() -> Option<PathBuf>,
     mut sandbox: impl FnMut(&SandboxSpec) -> Result<ExitStatus, SandboxError>,
     mut using_fuse: impl FnMut(FuseReason),
 ) -> Result<ExitStatus, OverlayError> {
@@ -89,16 +89,16 @@ pub fn run_with_overlay(
     match driver {
         OverlayDriver::Kernel => Ok(sandbox(spec)?),
         OverlayDriver::Fuse => {
-            let program = fuse_overlayfs.ok_or(OverlayError::NoFuseOverlayfs)?;
-            with_fuse(spec, program, FuseReason::Asked);
+            let program = fuse_overlayfs().ok_or(OverlayError::NoFuseOverlayfs)?;
+            with_fuse(spec, &program, FuseReason::Asked);
             Ok(sandbox(spec)?)
         }
         OverlayDriver::Auto => match sandbox(spec) {
             Err(refused @ SandboxError::OverlayRefused { .. }) => {
-                let Some(program) = fuse_overlayfs else {
+                let Some(program) = fuse_overlayfs() else {
                     return Err(OverlayError::NoFallback(refused));
                 };
-                with_fuse(spec, program, FuseReason::KernelRefuses);
+                with_fuse(spec, &program, FuseReason::KernelRefuses);
                 Ok(sandbox(spec)?)
             }
             other => Ok(other?),
@@ -145,7 +145,7 @@ mod tests {
     #[test]
     fn auto_falls_back_to_fuse_overlayfs_where_the_kernel_refuses_and_says_so() {
         let (mut roots, mut notes) = (Vec::new(), Vec::new());
-        let fuse = Some(Path::new("/usr/bin/fuse-overlayfs"));
+        let fuse = || Some(PathBuf::from("/usr/bin/fuse-overlayfs"));
         let status = run_with_overlay(
             &mut spec(),
             OverlayDriver::Auto,
@@ -167,7 +167,7 @@ mod tests {
         let error = run_with_overlay(
             &mut spec(),
             OverlayDriver::Auto,
-            None,
+            || None,
             refusing_kernel(&mut roots),
             |_| panic!("no fallback, no note"),
         )
@@ -175,7 +175,7 @@ mod tests {
         assert!(matches!(error, OverlayError::NoFallback(SandboxError::OverlayRefused { .. })));
         assert_eq!(error.exit_code(), 125);
         let mut roots = Vec::new();
-        let fuse = Some(Path::new("/usr/bin/fuse-overlayfs"));
+        let fuse = || Some(PathBuf::from("/usr/bin/fuse-overlayfs"));
         let kernel_only = run_with_overlay(
             &mut spec(),
             OverlayDriver::Kernel,
@@ -194,7 +194,7 @@ mod tests {
     fn fuse_is_used_at_once_when_asked_for() {
         let mut roots = Vec::new();
         let mut notes = Vec::new();
-        let fuse = Some(Path::new("/usr/bin/fuse-overlayfs"));
+        let fuse = || Some(PathBuf::from("/usr/bin/fuse-overlayfs"));
         let status = run_with_overlay(
             &mut spec(),
             OverlayDriver::Fuse,
@@ -205,7 +205,7 @@ mod tests {
         assert_eq!(status.unwrap(), ExitStatus::Exited(3));
         assert_eq!((roots, notes), (vec![fuse_root()], vec![FuseReason::Asked]));
         let missing =
-            run_with_overlay(&mut spec(), OverlayDriver::Fuse, None, |_| unreachable!(), |_| {});
+            run_with_overlay(&mut spec(), OverlayDriver::Fuse, || None, |_| unreachable!(), |_| {});
         assert!(matches!(missing, Err(OverlayError::NoFuseOverlayfs)));
     }
 }

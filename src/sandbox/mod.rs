@@ -13,7 +13,9 @@
 //! - [`sys`] is the only code that talks to the kernel ([`sys::Syscall`]);
 //! - [`launcher`] interprets the plan in the cloned child without allocating
 //!   (the caller may be multi-threaded; see its module docs);
-//! - [`channel`] is the typed handshake between caller, launcher and workload.
+//! - [`channel`] is the typed handshake between caller, launcher and workload;
+//! - [`fuse`] serves an overlay root with fuse-overlayfs, for kernels that
+//!   refuse overlayfs in a user namespace.
 //!
 //! Network: with [`Network::None`] the sandbox has its own network namespace
 //! holding only `lo`, which the launcher brings up (like `docker run

@@ -666,7 +666,7 @@ crate::rootless_test! {
         let status = run_with_overlay(
             &mut spec,
             OverlayDriver::Auto,
-            Some(&program),
+            || Some(program),
             |spec| {
                 let result = run(spec);
                 attempts.push(format!("{result:?}"));
