@@ -151,9 +151,12 @@ impl FuseOverlay {
 /// ([`SandboxError::FuseOverlay`]).
 pub fn advice(errno: Errno) -> &'static str {
     match errno {
-        Errno::EACCES | Errno::EPERM => {
+        Errno::EACCES => {
             "/dev/fuse must be readable and writable by you: udev makes it mode 0666; \
              where it does not, `sudo chmod 0666 /dev/fuse`"
+        }
+        Errno::EPERM => {
+            "this kernel refuses FUSE in a user namespace (Linux 4.18 or later allows it)"
         }
         Errno::ENOENT | Errno::ENODEV | Errno::ENXIO => {
             "this kernel has no FUSE: `sudo modprobe fuse`"
