@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # System packages the tests use (see README "Testing").
-packages=(util-linux passwd uidmap graphviz skopeo umoci oci-image-tool podman runc musl-tools golang-go gcc-aarch64-linux-gnu libc6-dev qemu-user-static faketime bash tar busybox-static)
+packages=(util-linux passwd uidmap graphviz skopeo umoci oci-image-tool podman runc musl-tools golang-go gcc-aarch64-linux-gnu libc6-dev qemu-user-static faketime bash tar busybox-static fuse-overlayfs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -29,6 +29,14 @@ if [ "$(id -u)" = 0 ]; then
     # Subordinate ids for rootless tests of full-range mappings (newuidmap).
     grep -q "^$test_user:" /etc/subuid 2>/dev/null || usermod --add-subuids 300000-365535 "$test_user"
     grep -q "^$test_user:" /etc/subgid 2>/dev/null || usermod --add-subgids 300000-365535 "$test_user"
+fi
+if [ "$(id -u)" = 0 ] && [ -c /dev/fuse ]; then
+    # `pkg run --overlay fuse` (the fallback for kernels that refuse overlayfs
+    # in a user namespace) opens /dev/fuse as the test user. Debian's udev
+    # rule makes it mode 0666, but containers and VMs without udev create it
+    # 0600 root:root, which only root may open: give it the usual mode. The
+    # fuse tests fail, naming this, when /dev/fuse is missing or closed.
+    chmod 0666 /dev/fuse
 fi
 if [ "$(id -u)" = 0 ]; then
     # The test user must reach the test binaries under target/.

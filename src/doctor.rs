@@ -65,7 +65,8 @@ const BUILDER_TOOLS: [(&str, &str, &str); 5] = [
 /// Runs every check.
 pub fn check(host: &HostFacts<'_>) -> Vec<Check> {
     let mut checks = Vec::new();
-    let probe = sandbox::probe(&IdMapping::single(0, 0, host.uid, host.gid), host.scratch);
+    let mapping = IdMapping::single(0, 0, host.uid, host.gid);
+    let probe = sandbox::probe(&mapping, host.scratch);
     checks.push(match probe.user_namespaces {
         Ok(()) => ok("user namespaces", "unprivileged user, mount and PID namespaces work"),
         Err(e) => Check {
@@ -80,13 +81,57 @@ pub fn check(host: &HostFacts<'_>) -> Vec<Check> {
             ),
         },
     });
+    let fuse_overlayfs = host.tools.which("fuse-overlayfs");
+    let fuse = fuse_overlayfs
+        .as_deref()
+        .map(|program| sandbox::probe_fuse_overlay(&mapping, host.scratch, program));
+    let fuse_works = matches!(fuse, Some(Ok(())));
     checks.push(match probe.overlay {
         Ok(()) => ok("overlay", "overlayfs mounts inside a user namespace"),
+        Err(e) if fuse_works => Check {
+            name: "overlay",
+            status: Status::Warn,
+            detail: format!(
+                "the kernel refuses overlayfs inside a user namespace ({}): `pkg run` uses \
+                 fuse-overlayfs instead, which is slower",
+                causes(&e)
+            ),
+            fix: Some("Linux 5.11 or later mounts overlayfs rootless".into()),
+        },
         Err(e) => Check {
             name: "overlay",
             status: Status::Fail,
-            detail: format!("overlayfs cannot be mounted inside a user namespace: {e}"),
-            fix: Some("`pkg run` needs Linux 5.11 or later for rootless overlayfs".into()),
+            detail: format!("overlayfs cannot be mounted inside a user namespace: {}", causes(&e)),
+            fix: Some(
+                "`pkg run` needs Linux 5.11 or later for rootless overlayfs, or fuse-overlayfs \
+                 (see below)"
+                    .into(),
+            ),
+        },
+    });
+    checks.push(match fuse {
+        Some(Ok(())) => ok(
+            "fuse-overlayfs",
+            "serves overlays inside a user namespace (the fallback; `pkg run --overlay fuse`)",
+        ),
+        None => Check {
+            name: "fuse-overlayfs",
+            status: Status::Warn,
+            detail: "not installed: no fallback where the kernel refuses overlayfs inside a user \
+                     namespace"
+                .into(),
+            fix: Some("apt-get install fuse-overlayfs".into()),
+        },
+        Some(Err(e)) => Check {
+            name: "fuse-overlayfs",
+            status: Status::Warn,
+            fix: Some(match &e {
+                sandbox::SandboxError::FuseOverlay { source, .. } => {
+                    sandbox::fuse::advice(*source).to_string()
+                }
+                _ => "see the user namespaces check".to_string(),
+            }),
+            detail: causes(&e),
         },
     });
     checks.push(subordinate_ids(host));
@@ -119,6 +164,17 @@ pub fn check(host: &HostFacts<'_>) -> Vec<Check> {
     }
     checks.push(store_writable(&host.store));
     checks
+}
+
+/// `error` and its causes, joined by `: `.
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
 }
 
 fn ok(name: &'static str, detail: &str) -> Check {

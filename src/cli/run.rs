@@ -15,8 +15,9 @@ use clap::{Args, ValueEnum};
 
 use super::Settings;
 use crate::platform::Platform;
+use crate::run::overlay::{OverlayDriver, OverlayError, run_with_overlay};
 use crate::run::{NetworkMode, RunError, RunHost, RunImage, RunOptions, Subordinate, Volume};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, SandboxError};
 use crate::store::{RefName, Store};
 use crate::tool::HostTools;
 
@@ -59,6 +60,11 @@ pub struct RunArgs {
     /// Pass the terminal through (sets TERM)
     #[arg(short = 't', long)]
     pub tty: bool,
+    /// How the image's root filesystem is mounted: auto (the kernel's
+    /// overlayfs, else fuse-overlayfs where the kernel refuses it in a user
+    /// namespace), kernel, or fuse
+    #[arg(long, value_enum, env = "PKG_OVERLAY", default_value_t = Overlay::Auto, value_name = "DRIVER")]
+    pub overlay: Overlay,
     /// A recipe (.kdl file or directory with pkg.kdl: build, then run its
     /// image), an image name in the store, oci:DIR[:REF] or oci-archive:FILE[:REF]
     #[arg(value_name = "TARGET")]
@@ -72,6 +78,23 @@ pub struct RunArgs {
 pub enum Net {
     Host,
     None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Overlay {
+    Auto,
+    Kernel,
+    Fuse,
+}
+
+impl From<Overlay> for OverlayDriver {
+    fn from(overlay: Overlay) -> Self {
+        match overlay {
+            Overlay::Auto => OverlayDriver::Auto,
+            Overlay::Kernel => OverlayDriver::Kernel,
+            Overlay::Fuse => OverlayDriver::Fuse,
+        }
+    }
 }
 
 /// What TARGET names.
@@ -175,28 +198,81 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
             (store, image)
         }
     };
-    let prepared = crate::run::prepare(&store, &image, &options, &host)?;
-    let status = Sandbox::new().run_forwarding(&prepared.spec);
+    let mut prepared = crate::run::prepare(&store, &image, &options, &host)?;
+    let sandbox = Sandbox::new();
+    let status = run_with_overlay(
+        &mut prepared.spec,
+        args.overlay.into(),
+        || host.tools.which("fuse-overlayfs"),
+        |spec| sandbox.run_forwarding(spec),
+        |reason| {
+            if !settings.quiet {
+                eprintln!("note: {reason}");
+            }
+        },
+    );
     drop(prepared.leases);
     match status {
         Ok(status) => Ok(ExitCode::from(status.code().clamp(0, 255) as u8)),
         Err(error) => {
             let code = u8::try_from(error.exit_code()).unwrap_or(FAILED_TO_START);
-            let overlay_refused = matches!(
-                &error,
-                crate::sandbox::SandboxError::Setup { step, .. } if step.starts_with("mount overlay")
-            );
-            let mut report = miette::Report::from_err(error);
-            if overlay_refused {
-                report = report.wrap_err(
-                    "this kernel refuses overlayfs inside a user namespace, which `pkg run` \
-                     needs for the image's root filesystem (Linux 5.11 or later allows it; \
-                     `pkg doctor` checks it)",
-                );
-            }
+            let report = match overlay_advice(&error) {
+                Some(help) => miette::Report::new(Advised { error, help }),
+                None => miette::Report::from_err(error),
+            };
             Err(Failure { report, code })
         }
     }
+}
+
+/// An error with what to do about it underneath (`help:`).
+#[derive(Debug)]
+struct Advised {
+    error: OverlayError,
+    help: String,
+}
+
+impl std::fmt::Display for Advised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for Advised {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl miette::Diagnostic for Advised {
+    fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        Some(Box::new(&self.help))
+    }
+}
+
+/// What to do when the root filesystem cannot be mounted.
+fn overlay_advice(error: &OverlayError) -> Option<String> {
+    let advice = match error {
+        OverlayError::Sandbox(SandboxError::OverlayRefused { .. }) => {
+            "Linux 5.11 or later allows overlayfs in a user namespace; elsewhere `--overlay auto` \
+             (the default) falls back to fuse-overlayfs; `pkg doctor` checks both"
+        }
+        OverlayError::Sandbox(SandboxError::FuseOverlay { source, .. }) => {
+            return Some(format!(
+                "{}; `pkg doctor` checks it",
+                crate::sandbox::fuse::advice(*source)
+            ));
+        }
+        OverlayError::NoFallback(_) => {
+            "install fuse-overlayfs (apt-get install fuse-overlayfs), or use Linux 5.11 or \
+             later; `pkg doctor` checks both"
+        }
+        OverlayError::NoFuseOverlayfs => {
+            "install it (apt-get install fuse-overlayfs), or drop `--overlay fuse`"
+        }
+        OverlayError::Sandbox(_) => return None,
+    };
+    Some(advice.to_string())
 }
 
 fn open_store(settings: &Settings) -> Result<Store, Failure> {

@@ -22,6 +22,7 @@
 //! carries what the caller knows about the machine.
 
 pub mod env;
+pub mod overlay;
 pub mod user;
 pub mod view;
 

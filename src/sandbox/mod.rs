@@ -13,7 +13,9 @@
 //! - [`sys`] is the only code that talks to the kernel ([`sys::Syscall`]);
 //! - [`launcher`] interprets the plan in the cloned child without allocating
 //!   (the caller may be multi-threaded; see its module docs);
-//! - [`channel`] is the typed handshake between caller, launcher and workload.
+//! - [`channel`] is the typed handshake between caller, launcher and workload;
+//! - [`fuse`] serves an overlay root with fuse-overlayfs, for kernels that
+//!   refuse overlayfs in a user namespace.
 //!
 //! Network: with [`Network::None`] the sandbox has its own network namespace
 //! holding only `lo`, which the launcher brings up (like `docker run
@@ -76,6 +78,7 @@
 //! containment would need `openat2(RESOLVE_IN_ROOT)` or `open_tree` fds.
 
 pub mod channel;
+pub mod fuse;
 pub mod idmap;
 pub mod launcher;
 pub mod plan;
@@ -97,7 +100,7 @@ pub use idmap::{IdMapping, IdRange, MapMethod, subordinate_range};
 
 use channel::{CallerEnd, ChannelError, LaunchStep, LauncherEnd, Report};
 use launcher::{Launch, launcher_main, launcher_signals};
-use plan::{HostSource, Plan, SourceKind};
+use plan::{HostSource, Plan, SourceKind, Step};
 use sys::{Forked, LinuxSyscall, Syscall};
 
 /// Everything that defines one sandboxed process.
@@ -180,6 +183,24 @@ pub enum RootFs {
     /// writes vanish when the sandbox ends. `layers` in OCI order: the base
     /// layer first.
     Overlay { layers: Vec<PathBuf> },
+    /// The same overlay served by fuse-overlayfs (`program`, an absolute host
+    /// path), for kernels that refuse overlayfs in a user namespace. Its
+    /// daemon runs in the sandbox's user and PID namespaces (the workload
+    /// sees it in `/proc`) and ends with the sandbox; see [`fuse`].
+    FuseOverlay { layers: Vec<PathBuf>, program: PathBuf },
+}
+
+impl RootFs {
+    /// An [`RootFs::Overlay`] served by fuse-overlayfs (`program`) instead
+    /// of the kernel; any other root as it is.
+    pub fn with_fuse_overlayfs(self, program: &Path) -> RootFs {
+        match self {
+            RootFs::Overlay { layers } => {
+                RootFs::FuseOverlay { layers, program: program.to_path_buf() }
+            }
+            other => other,
+        }
+    }
 }
 
 /// One mount inside the sandbox.
@@ -323,6 +344,20 @@ pub enum SandboxError {
     Clone(#[source] Errno),
     #[error("cannot write the id mapping of the sandbox")]
     IdMap(#[source] idmap::IdMapError),
+    /// The kernel would not mount an [`RootFs::Overlay`] root.
+    #[error("the kernel refuses overlayfs in a user namespace: {step}")]
+    OverlayRefused {
+        step: String,
+        #[source]
+        source: Errno,
+    },
+    /// fuse-overlayfs could not serve a [`RootFs::FuseOverlay`] root.
+    #[error("fuse-overlayfs cannot serve the root filesystem: {step}")]
+    FuseOverlay {
+        step: String,
+        #[source]
+        source: Errno,
+    },
     #[error("sandbox setup failed: {step}")]
     Setup {
         step: String,
@@ -469,7 +504,18 @@ impl Sandbox {
         let failure = match report {
             Ok(Report::Started) => return Ok(running),
             Ok(Report::SetupFailed { step, errno }) => {
-                SandboxError::Setup { step: describe(plan, step), source: errno }
+                let failed = match step {
+                    LaunchStep::Plan(i) => plan.steps.get(i as usize),
+                    _ => None,
+                };
+                let step = describe(plan, step);
+                match failed {
+                    Some(Step::Mount { fstype: Some(fstype), .. }) if **fstype == *c"overlay" => {
+                        SandboxError::OverlayRefused { step, source: errno }
+                    }
+                    Some(Step::FuseOverlay(_)) => SandboxError::FuseOverlay { step, source: errno },
+                    _ => SandboxError::Setup { step, source: errno },
+                }
             }
             Ok(Report::ExecFailed { errno }) => SandboxError::Exec {
                 program: plan.exec.program.clone(),
@@ -611,17 +657,35 @@ pub struct Probe {
 /// whole setup without a workload, once with a tmpfs root and once with an
 /// overlay root whose single layer is a directory created under `scratch`.
 pub fn probe(id_mapping: &IdMapping, scratch: &Path) -> Probe {
-    let sandbox = Sandbox::new();
-    let check = |root: RootFs| -> Result<(), SandboxError> {
-        let mut spec = SandboxSpec::new(id_mapping.clone(), vec!["/probe".into()]);
-        spec.root = root;
-        let plan = Plan::new(&spec, &resolve_host_source)?;
-        sandbox.start(&spec, &plan, true)?.wait().map(drop)
-    };
-    let user_namespaces = check(RootFs::Tmpfs);
-    let layer = scratch.join("probe-layer");
-    let overlay = std::fs::create_dir_all(&layer)
-        .map_err(|e| SandboxError::MountSource { path: layer.clone(), source: e })
-        .and_then(|()| check(RootFs::Overlay { layers: vec![layer.clone()] }));
+    let user_namespaces = probe_root(id_mapping, RootFs::Tmpfs);
+    let overlay = probe_layer(scratch)
+        .and_then(|layer| probe_root(id_mapping, RootFs::Overlay { layers: vec![layer] }));
     Probe { user_namespaces, overlay }
+}
+
+/// Checks that fuse-overlayfs (`program`) serves an overlay root here, as
+/// [`probe`] checks the kernel's overlayfs (for `pkg doctor`).
+pub fn probe_fuse_overlay(
+    id_mapping: &IdMapping,
+    scratch: &Path,
+    program: &Path,
+) -> Result<(), SandboxError> {
+    let layers = vec![probe_layer(scratch)?];
+    probe_root(id_mapping, RootFs::FuseOverlay { layers, program: program.to_path_buf() })
+}
+
+/// The launcher's whole setup with `root`, without a workload.
+fn probe_root(id_mapping: &IdMapping, root: RootFs) -> Result<(), SandboxError> {
+    let mut spec = SandboxSpec::new(id_mapping.clone(), vec!["/probe".into()]);
+    spec.root = root;
+    let plan = Plan::new(&spec, &resolve_host_source)?;
+    Sandbox::new().start(&spec, &plan, true)?.wait().map(drop)
+}
+
+/// An empty directory under `scratch`, the probes' single layer.
+fn probe_layer(scratch: &Path) -> Result<PathBuf, SandboxError> {
+    let layer = scratch.join("probe-layer");
+    std::fs::create_dir_all(&layer)
+        .map_err(|e| SandboxError::MountSource { path: layer.clone(), source: e })?;
+    Ok(layer)
 }

@@ -27,6 +27,7 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 
+use super::fuse::FuseOverlay;
 use super::sys::{CStringArray, Syscall};
 use super::{MountKind, Network, RootFs, SandboxError, SandboxSpec};
 
@@ -98,6 +99,8 @@ pub enum Step {
     SetHostname(CString),
     LoopbackUp,
     NoNewPrivs,
+    /// Mount the overlay root with fuse-overlayfs and start its daemon.
+    FuseOverlay(Box<FuseOverlay>),
 }
 
 impl fmt::Display for Step {
@@ -132,6 +135,11 @@ impl fmt::Display for Step {
             Step::SetHostname(name) => write!(f, "set hostname {}", s(name)),
             Step::LoopbackUp => write!(f, "bring loopback up"),
             Step::NoNewPrivs => write!(f, "set no_new_privs"),
+            Step::FuseOverlay(fuse) => {
+                let (program, target, device) =
+                    (s(&fuse.program), s(&fuse.target), s(&fuse.device));
+                write!(f, "start {program} on {target} through {device}")
+            }
         }
     }
 }
@@ -325,7 +333,7 @@ impl Plan {
         let new_root = CString::new(NEW_ROOT).expect("static");
         match &spec.root {
             RootFs::Tmpfs => b.mount("tmpfs", new_root, "tmpfs", nosuid_nodev, "mode=0755"),
-            RootFs::Overlay { layers } => {
+            RootFs::Overlay { layers } | RootFs::FuseOverlay { layers, .. } => {
                 if layers.is_empty() {
                     return Err(SandboxError::InvalidSpec(
                         "an overlay root needs at least one layer".into(),
@@ -352,11 +360,23 @@ impl Plan {
                 }
                 b.mkdir("/upper");
                 b.mkdir("/work");
-                // overlayfs lists the topmost layer first; OCI lists the base first.
-                let lower: Vec<String> =
-                    (0..layers.len()).rev().map(|i| format!("/layers/{i}")).collect();
-                let data = format!("lowerdir={},upperdir=/upper,workdir=/work", lower.join(":"));
-                b.mount("overlay", new_root, "overlay", nosuid_nodev, &data);
+                if let RootFs::FuseOverlay { program, .. } = &spec.root {
+                    // fuse-overlayfs reads the (shared) layers through these
+                    // binds, as the caller's user: read-only, then.
+                    for i in 0..layers.len() {
+                        let staged = CString::new(format!("/layers/{i}")).expect("digits");
+                        b.push(Step::SetReadOnly(staged));
+                    }
+                    let fuse = FuseOverlay::new(program, layers.len())?;
+                    b.push(Step::FuseOverlay(Box::new(fuse)));
+                } else {
+                    // overlayfs lists the topmost layer first; OCI lists the base first.
+                    let lower: Vec<String> =
+                        (0..layers.len()).rev().map(|i| format!("/layers/{i}")).collect();
+                    let data =
+                        format!("lowerdir={},upperdir=/upper,workdir=/work", lower.join(":"));
+                    b.mount("overlay", new_root, "overlay", nosuid_nodev, &data);
+                }
                 // The overlay holds its own references to its layers: detach
                 // the writable binds of the (shared) layer directories, so no
                 // later path, however an image's symlinks point, reaches them.
@@ -601,6 +621,7 @@ pub fn run_steps(sys: &impl Syscall, steps: &[Step]) -> Result<(), StepFailure> 
             Step::SetHostname(name) => sys.sethostname(name),
             Step::LoopbackUp => sys.loopback_up(),
             Step::NoNewPrivs => sys.set_no_new_privs(),
+            Step::FuseOverlay(fuse) => super::fuse::start(sys, fuse),
         };
         result.map_err(|errno| StepFailure { index, errno })?;
     }

@@ -54,6 +54,21 @@ impl CStringArray {
     }
 }
 
+// By hand: a derived clone would copy pointers into the original's strings.
+impl Clone for CStringArray {
+    fn clone(&self) -> Self {
+        CStringArray::new(self.strings.clone())
+    }
+}
+
+impl PartialEq for CStringArray {
+    fn eq(&self, other: &Self) -> bool {
+        self.strings == other.strings
+    }
+}
+
+impl Eq for CStringArray {}
+
 impl std::fmt::Debug for CStringArray {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(&self.strings).finish()
@@ -107,6 +122,17 @@ pub trait Syscall {
     /// Has the kernel send SIGKILL to this process when the thread that
     /// created it exits, so a killed caller leaves no sandbox behind.
     fn kill_with_parent(&self) -> SysResult<()>;
+
+    // --- fuse-overlayfs (see `fuse.rs`) ---
+    /// Opens a device (or file) read-write and *without* close-on-exec: it
+    /// is meant for a child to inherit.
+    fn open_device(&self, path: &CStr) -> SysResult<RawFd>;
+    /// Asks the filesystem holding `path` for its statistics. A FUSE
+    /// filesystem's daemon must answer, after its handshake with the kernel,
+    /// so this waits until the daemon serves (or fails once it has died).
+    fn statfs(&self, path: &CStr) -> SysResult<()>;
+    /// The real uid and gid of the calling process.
+    fn ids(&self) -> (u32, u32);
 
     // --- the workload, between fork and exec ---
     /// Drops supplementary groups and switches real, effective and saved ids.
@@ -305,6 +331,25 @@ impl Syscall for LinuxSyscall {
 
     fn umask(&self, mode: u32) {
         nix::sys::stat::umask(Mode::from_bits_truncate(mode));
+    }
+
+    fn open_device(&self, path: &CStr) -> SysResult<RawFd> {
+        // SAFETY: `path` is a valid NUL-terminated string; the caller owns
+        // the returned descriptor.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+        if fd == -1 { Err(Errno::last()) } else { Ok(fd) }
+    }
+
+    fn statfs(&self, path: &CStr) -> SysResult<()> {
+        // SAFETY: `statfs` is plain old data, valid when zeroed.
+        let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is a valid NUL-terminated string and `buf` a
+        // writable `struct statfs` for the call.
+        check(unsafe { libc::statfs(path.as_ptr(), &mut buf) })
+    }
+
+    fn ids(&self) -> (u32, u32) {
+        (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())
     }
 
     fn set_credentials(&self, uid: u32, gid: u32, drop_groups: bool) -> SysResult<()> {

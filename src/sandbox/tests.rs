@@ -16,6 +16,7 @@ use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::Pid;
 
 use super::channel::LauncherEnd;
+use super::fuse;
 use super::launcher::{self, Launch, launcher_signals};
 use super::plan::{HostSource, Plan, SourceKind, Step, run_steps};
 use super::sys::{CStringArray, Forked, ReceivedSignal, SysResult, Syscall};
@@ -126,6 +127,16 @@ impl Syscall for Recorder {
     }
     fn umask(&self, mode: u32) {
         let _ = self.record(format!("umask {mode:03o}"));
+    }
+    fn open_device(&self, path: &CStr) -> SysResult<RawFd> {
+        self.record(format!("open {}", text(path)))?;
+        Ok(if path == c"/dev/null" { 9 } else { 7 })
+    }
+    fn statfs(&self, path: &CStr) -> SysResult<()> {
+        self.record(format!("statfs {}", text(path)))
+    }
+    fn ids(&self) -> (u32, u32) {
+        (1000, 1001)
     }
     fn set_credentials(&self, uid: u32, gid: u32, drop_groups: bool) -> SysResult<()> {
         self.record(format!("credentials {uid}:{gid} drop_groups={drop_groups}"))
@@ -612,4 +623,140 @@ fn terminal_signals_reach_a_workload_in_the_same_session_only_once() {
 
 fn libc_sigchld() -> c_int {
     nix::sys::signal::Signal::SIGCHLD as c_int
+}
+
+fn fuse_spec() -> SandboxSpec {
+    let mut spec = build_spec();
+    let layers = vec!["/store/base".into(), "/store/app".into()];
+    spec.root = RootFs::FuseOverlay { layers, program: "/usr/bin/fuse-overlayfs".into() };
+    spec
+}
+
+fn fuse_step(plan: &Plan) -> &fuse::FuseOverlay {
+    plan.steps
+        .iter()
+        .find_map(|s| match s {
+            Step::FuseOverlay(fuse) => Some(&**fuse),
+            _ => None,
+        })
+        .expect("a fuse-overlayfs step")
+}
+
+/// Runs a function that ends its process, returning the exit code.
+fn exit_code_of(f: impl FnOnce()) -> c_int {
+    let payload = catch_unwind(AssertUnwindSafe(f)).expect_err("the process ends by exit");
+    payload.downcast::<Exited>().expect("only by exit").0
+}
+
+#[test]
+fn fuse_overlay_root_reads_read_only_layer_binds_and_mounts_no_kernel_overlay() {
+    let plan = plan(&fuse_spec());
+    let sys = Recorder::default();
+    sys.waits.borrow_mut().push_back(Some((2, 0))); // the helper exits 0
+    run_steps(&sys, &plan.steps).unwrap();
+    for (i, layer) in ["base", "app"].iter().enumerate() {
+        let bind = sys.position(&format!("mount /oldroot/store/{layer} /layers/{i} - MS_BIND"));
+        assert!(bind < sys.position(&format!("read-only /layers/{i}")));
+    }
+    let open = sys.position("open /oldroot/dev/fuse");
+    assert!(sys.position("read-only /layers/1") < open);
+    assert!(sys.position("mkdir /upper") < open && sys.position("mkdir /work") < open);
+    assert!(sys.position("wait_pid 2 nohang=false") < sys.position("umount /layers/0"));
+    assert!(!sys.calls().iter().any(|c| c.starts_with("mount overlay")));
+    let argv: Vec<String> = fuse_step(&plan).argv.strings().iter().map(|a| text(a)).collect();
+    assert_eq!(
+        argv,
+        [
+            "fuse-overlayfs",
+            "-f",
+            "-o",
+            "lowerdir=/tmp/layers/1:/tmp/layers/0,upperdir=/tmp/upper,workdir=/tmp/work",
+            "/dev/fd/3"
+        ]
+    );
+}
+
+#[test]
+fn fuse_overlay_is_mounted_by_the_launcher_and_served_from_a_helper_namespace() {
+    let plan = plan(&fuse_spec());
+    let fuse = fuse_step(&plan);
+    let sys = Recorder::default();
+    sys.waits.borrow_mut().push_back(Some((2, 0)));
+    fuse::start(&sys, fuse).unwrap();
+    assert_eq!(
+        sys.calls(),
+        [
+            "open /oldroot/dev/fuse",
+            "mount fuse-overlayfs /newroot fuse.fuse-overlayfs MS_NOSUID | MS_NODEV \
+             fd=7,rootmode=40000,user_id=1000,group_id=1001,default_permissions,allow_other",
+            "clone CloneFlags(CLONE_NEWNS)",
+            "close 7",
+            "wait_pid 2 nohang=false",
+        ]
+    );
+    // The helper's errno is the step's.
+    let sys = Recorder::default();
+    sys.waits.borrow_mut().push_back(Some((2, (Errno::ENOTCONN as c_int) << 8)));
+    assert_eq!(fuse::start(&sys, fuse), Err(Errno::ENOTCONN));
+    // A failed mount closes the device and clones nothing.
+    let sys = Recorder { fail: Some(("mount", Errno::EPERM)), ..Recorder::default() };
+    assert_eq!(fuse::start(&sys, fuse), Err(Errno::EPERM));
+    assert_eq!(sys.calls()[2..], ["close 7"]);
+}
+
+#[test]
+fn fuse_overlay_helper_takes_the_host_away_from_the_daemon_once_it_serves() {
+    let plan = plan(&fuse_spec());
+    let fuse = fuse_step(&plan);
+    let sys = Recorder::default();
+    assert_eq!(exit_code_of(|| fuse::helper_main(&sys, fuse, 7)), 0);
+    assert_eq!(
+        sys.calls(),
+        [
+            "pivot_root /oldroot /oldroot/tmp",
+            "chdir /",
+            "mkdir /tmp/proc 755",
+            "mount proc /tmp/proc proc MS_NOSUID | MS_NODEV | MS_NOEXEC -",
+            "clone CloneFlags(0x0)",
+            "close 7",
+            "statfs /tmp/newroot",
+            "umount /tmp/newroot MNT_DETACH",
+            "umount /tmp/layers/0 MNT_DETACH",
+            "umount /tmp/layers/1 MNT_DETACH",
+            "pivot_root /tmp /tmp/oldroot",
+            "umount /oldroot MNT_DETACH",
+            "exit 0",
+        ]
+    );
+    // A daemon that died before serving: the helper exits with the errno.
+    let sys = Recorder { fail: Some(("statfs", Errno::ENOTCONN)), ..Recorder::default() };
+    assert_eq!(exit_code_of(|| fuse::helper_main(&sys, fuse, 7)), Errno::ENOTCONN as c_int);
+    assert!(!sys.calls().iter().any(|c| c.starts_with("pivot_root /tmp")));
+}
+
+#[test]
+fn fuse_overlay_daemon_gets_the_device_at_fd_3_and_nothing_else() {
+    let plan = plan(&fuse_spec());
+    let fuse = fuse_step(&plan);
+    let sys = Recorder::default();
+    assert_eq!(exit_code_of(|| fuse::daemon_main(&sys, fuse, 7)), 127);
+    let calls = sys.calls();
+    assert_eq!(
+        calls[..10],
+        [
+            "setsid",
+            "dup2 7 3",
+            "open /dev/null",
+            "dup2 9 0",
+            "dup2 9 1",
+            "dup2 9 2",
+            "close_range 4 2147483647",
+            "reset_signal_handlers",
+            "sigmask SIG_SETMASK",
+            "execve /usr/bin/fuse-overlayfs [\"fuse-overlayfs\", \"-f\", \"-o\", \
+             \"lowerdir=/tmp/layers/1:/tmp/layers/0,upperdir=/tmp/upper,workdir=/tmp/work\", \
+             \"/dev/fd/3\"] []",
+        ]
+    );
+    assert_eq!(calls[10], "exit 127");
 }

@@ -190,6 +190,24 @@ pub fn path_with_rust() -> std::ffi::OsString {
     path_with_rust_at(&rust_sysroot())
 }
 
+/// The host's fuse-overlayfs, and a `/dev/fuse` this user may open: a
+/// failure naming the fix otherwise, never a skip.
+pub fn fuse_overlayfs() -> PathBuf {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join("fuse-overlayfs"))
+        .find(|path| path.is_file());
+    let Some(program) = found else {
+        panic!("fuse-overlayfs is missing: `apt-get install fuse-overlayfs` (scripts/test.sh does)")
+    };
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        panic!(
+            "cannot open /dev/fuse ({e}): it must be mode 0666, as udev makes it; hosts that \
+             create it 0600 need `chmod 0666 /dev/fuse` (scripts/test.sh does it)"
+        );
+    }
+    program
+}
+
 /// Whether this process runs with effective uid 0.
 pub fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

@@ -11,6 +11,7 @@ fn healthy_machine_as_root() {
     let text = stdout(&out);
     assert!(text.contains("ok    user namespaces"), "{text}");
     assert!(text.contains("ok    overlay"), "{text}");
+    assert!(text.contains("ok    fuse-overlayfs"), "{text}");
 }
 
 crate::rootless_test! {
@@ -24,6 +25,8 @@ crate::rootless_test! {
         };
         assert_eq!(status("user namespaces"), Some("ok".into()), "{checks:#}");
         assert_eq!(status("overlay"), Some("ok".into()), "{checks:#}");
+        // scripts/test.sh installs fuse-overlayfs and opens /dev/fuse to all.
+        assert_eq!(status("fuse-overlayfs"), Some("ok".into()), "{checks:#}");
         // .ci/run gives the test user a subordinate range.
         assert_eq!(status("subordinate ids"), Some("ok".into()), "{checks:#}");
     }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{TestContext, stderr, stdout};
+use crate::common::{TestContext, fuse_overlayfs, stderr, stdout};
 use crate::{assert_snapshot, rootless_test};
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -463,5 +463,101 @@ rootless_test! {
         let (code, text) = failure(&fresh, &[&image, "true"]);
         assert_eq!(code, 125);
         assert!(text.contains("corrupt"), "{text}");
+    }
+}
+
+/// The host pids of the fuse-overlayfs processes below `pkg` (pid `pkg`).
+fn fuse_daemons_below(pkg: u32) -> Vec<u32> {
+    let stat = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // "PID (COMM) STATE PPID …"
+    let parent_and_comm = |pid: u32| {
+        let text = stat(pid);
+        let (head, tail) = text.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_string();
+        let ppid: u32 = tail.split_whitespace().nth(1)?.parse().ok()?;
+        Some((ppid, comm))
+    };
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let launchers: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|&p| parent_and_comm(p).is_some_and(|(pp, _)| pp == pkg))
+        .collect();
+    pids.into_iter()
+        .filter(|&p| {
+            parent_and_comm(p)
+                .is_some_and(|(pp, comm)| launchers.contains(&pp) && comm == "fuse-overlayfs")
+        })
+        .collect()
+}
+
+rootless_test! {
+    /// Where the kernel refuses overlayfs in a user namespace, fuse-overlayfs
+    /// serves the same root; `--overlay fuse` forces it here.
+    fn fuse_overlayfs_serves_the_root_when_forced() {
+        fuse_overlayfs();
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let fuse = |args: &[&str]| run(&ctx, &[&["--overlay", "fuse"], args].concat());
+        let (code, out) = fuse(&[&image, "sh", "-c", "echo hi; exit 3"]);
+        assert_eq!((code, stdout(&out).as_str()), (3, "hi\n"), "{}", stderr(&out));
+        assert_snapshot!("run_fuse_overlayfs_note", stderr(&out));
+        // Whiteouts hide, ownership is the kernel overlay's, writes stay in
+        // the tmpfs upper layer (a root workload has the subordinate range:
+        // files of other users are created through the daemon too).
+        let script = "cat /etc/kept; test ! -e /etc/deleted && echo hidden; stat -c %u:%g /etc/kept; \
+                      echo new > /etc/new; rm /etc/kept; mkdir /etc/d; \
+                      su -s /bin/sh nobody -c 'touch /tmp/n; stat -c %u:%g /tmp/n'";
+        let (code, out) = fuse(&[&image, "sh", "-c", script]);
+        assert_eq!(
+            (code, stdout(&out).as_str()),
+            (0, "kept\nhidden\n0:0\n65534:65534\n"),
+            "{}",
+            stderr(&out)
+        );
+        let script = "cat /etc/kept; test ! -e /etc/new && test ! -e /etc/d && echo gone";
+        let (code, out) = fuse(&[&image, "sh", "-c", script]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "kept\ngone\n"), "{}", stderr(&out));
+        let script = "stat -c %u:%g /etc/kept; echo changed > /etc/kept && cat /etc/kept";
+        let (code, out) = fuse(&["--user", "1000:1000", &image, "sh", "-c", script]);
+        assert_eq!((code, stdout(&out).as_str()), (0, "1000:1000\nchanged\n"), "{}", stderr(&out));
+
+        // The daemon runs while the workload does, and not a moment longer.
+        let mut child = ctx
+            .pkg()
+            .args(["run", "--overlay", "fuse", "-i", &image, "sh", "-c", "echo ready; read line"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pkg run");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().transpose().unwrap().as_deref(), Some("ready"));
+        let daemons = fuse_daemons_below(child.id());
+        assert_eq!(daemons.len(), 1, "one fuse-overlayfs per run");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        assert!(wait_bounded(&mut child, Duration::from_secs(20)).success());
+        for pid in daemons {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            assert!(!stat.contains("(fuse-overlayfs)"), "fuse-overlayfs outlived pkg run: {stat}");
+        }
+
+        // A fuse-overlayfs that stops at once fails the start, without hanging.
+        let stops = ctx.write("bin/fuse-overlayfs", "#!/bin/sh\nexit 1\n");
+        std::fs::set_permissions(&stops, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let path = format!("{}:{}", ctx.root().join("bin").display(), std::env::var("PATH").unwrap());
+        let out = ctx.pkg().env("PATH", path).args(["run", "--overlay", "fuse", &image, "true"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+        assert!(stderr(&out).contains("ENOTCONN: Transport endpoint is not connected"), "{}", stderr(&out));
+
+        // Without fuse-overlayfs: a clear error, exit 125.
+        let out =
+            ctx.pkg().env("PATH", "/nonexistent").args(["run", "--overlay", "fuse", &image, "true"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(125));
+        assert_snapshot!("run_fuse_overlayfs_missing", ctx.redact(&stderr(&out)));
     }
 }

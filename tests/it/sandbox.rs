@@ -643,3 +643,43 @@ crate::rootless_test! {
         assert_eq!(running.wait().unwrap(), ExitStatus::Exited(0));
     }
 }
+
+crate::rootless_test! {
+    /// An overlay the kernel refuses fails with a typed error at the overlay
+    /// mount, and `--overlay auto` then serves the same layers with
+    /// fuse-overlayfs, which leaves them untouched too. (A procfs layer makes
+    /// any kernel refuse: overlayfs calls its dentries weird.)
+    fn sandbox_overlay_refusal_falls_back_to_fuse_overlayfs() {
+        use pkg::run::overlay::{FuseReason, OverlayDriver, run_with_overlay};
+        let program = crate::common::fuse_overlayfs();
+        let case = Case::new();
+        let base = case.path("base");
+        std::fs::create_dir_all(base.join("etc")).unwrap();
+        std::fs::write(base.join("etc/os-release"), "base\n").unwrap();
+        std::fs::write(base.join("etc/gone"), "base\n").unwrap();
+        let mut spec = case.spec(
+            "cat /etc/os-release; test -d /kernel && echo merged; echo changed > /etc/os-release; \
+             rm /etc/gone; cat /etc/os-release; test ! -e /etc/gone && echo hidden",
+        );
+        spec.root = RootFs::Overlay { layers: vec![base.clone(), "/proc/sys".into()] };
+        let (mut attempts, mut reasons) = (Vec::new(), Vec::new());
+        let status = run_with_overlay(
+            &mut spec,
+            OverlayDriver::Auto,
+            || Some(program),
+            |spec| {
+                let result = run(spec);
+                attempts.push(format!("{result:?}"));
+                result
+            },
+            |reason| reasons.push(reason),
+        );
+        assert_eq!(status.unwrap(), ExitStatus::Exited(0), "{attempts:#?}\n{}", case.log_text());
+        assert!(attempts[0].starts_with("Err(OverlayRefused {"), "{attempts:#?}");
+        assert_eq!(reasons, [FuseReason::KernelRefuses]);
+        assert_eq!(case.log_text(), "base\nmerged\nchanged\nhidden\n");
+        assert_eq!(std::fs::read_to_string(base.join("etc/os-release")).unwrap(), "base\n");
+        assert!(base.join("etc/gone").exists());
+        assert!(!base.join("usr").exists() && !base.join("proc").exists());
+    }
+}
