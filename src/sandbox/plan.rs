@@ -39,6 +39,9 @@ pub const OLD_ROOT: &str = "/oldroot";
 /// The sandbox's future root, inside the staging tmpfs.
 pub const NEW_ROOT: &str = "/newroot";
 
+/// The longest option string `mount(2)` passes on whole (one page, NUL included).
+const MOUNT_DATA_MAX: usize = 4096;
+
 /// Host device nodes bound into the minimal `/dev`.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -375,6 +378,15 @@ impl Plan {
                         (0..layers.len()).rev().map(|i| format!("/layers/{i}")).collect();
                     let data =
                         format!("lowerdir={},upperdir=/upper,workdir=/work", lower.join(":"));
+                    // mount(2) copies one page of options: the kernel would
+                    // cut the rest off and mount fewer layers without a word.
+                    if data.len() >= MOUNT_DATA_MAX {
+                        return Err(SandboxError::InvalidSpec(format!(
+                            "{} layers are more than one overlay mount takes (about 340); \
+                             `--overlay fuse` has no such limit",
+                            layers.len()
+                        )));
+                    }
                     b.mount("overlay", new_root, "overlay", nosuid_nodev, &data);
                 }
                 // The overlay holds its own references to its layers: detach

@@ -390,6 +390,17 @@ fn overlay_root_stacks_layers_topmost_first_over_a_tmpfs_upper() {
 }
 
 #[test]
+fn an_overlay_of_more_layers_than_one_mount_takes_is_refused_not_cut_short() {
+    let mut spec = build_spec();
+    let layers = |n: usize| (0..n).map(|i| PathBuf::from(format!("/store/{i}"))).collect();
+    spec.root = RootFs::Overlay { layers: layers(340) };
+    assert!(Plan::new(&spec, &fake_kinds).is_ok());
+    spec.root = RootFs::Overlay { layers: layers(400) };
+    let err = Plan::new(&spec, &fake_kinds).unwrap_err();
+    assert!(err.to_string().contains("400 layers are more than one overlay mount takes"), "{err}");
+}
+
+#[test]
 fn network_choice_decides_the_namespace_and_loopback() {
     let none = plan(&build_spec());
     assert!(none.unshare_flags.contains(CloneFlags::CLONE_NEWNET));
