@@ -12,14 +12,14 @@
 # Rootless is measured rootless: run as a normal user, or as root to have the
 # script build pkg, install what it needs and measure as PKG_BENCH_USER
 # (default pkgtest, which scripts/test.sh creates).
-# Usage: benches/run-vs-bwrap-podman.sh   (RUNS=N, default 100)
+# Usage: benches/run-vs-bwrap-podman.sh   (RUNS=N, default 100; ROUNDS=N alternating rounds, default 15)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-100}
 
 if [ "$(id -u)" = 0 ] && [ -z "${PKG_BENCH_WORK:-}" ]; then
     missing=()
-    for p in hyperfine bubblewrap podman runc skopeo uidmap musl-tools; do
+    for p in hyperfine bubblewrap podman runc skopeo uidmap musl-tools jq; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -47,8 +47,8 @@ if [ -z "$work" ]; then
     cp target/release/pkg "$work/pkg"
     musl-gcc -static -O2 -s -o "$work/hello" recipes/hello/src/hello.c
 fi
-for tool in hyperfine bwrap podman skopeo; do
-    command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install hyperfine bubblewrap podman runc skopeo" >&2; exit 1; }
+for tool in hyperfine bwrap podman skopeo jq; do
+    command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install hyperfine bubblewrap podman runc skopeo jq" >&2; exit 1; }
 done
 cd "$work"
 export PKG_STORE=$work/store
@@ -69,3 +69,23 @@ hyperfine -N --warmup 10 --runs "$runs" \
     --command-name "bwrap" "bwrap --unshare-all --ro-bind $work/rootfs / --proc /proc --dev /dev /hello" \
     --command-name "podman run" "podman run --rm --runtime runc --network none $podman_image /hello"
 podman rmi -f "$podman_image" >/dev/null 2>&1 || true
+
+# Other work on a shared machine shifts the load between one command's runs
+# and the next's, so pkg and bwrap are also timed in ROUNDS short rounds of
+# alternating order; the median of the rounds' ratios (of median times) is
+# printed last.
+rounds=${ROUNDS:-15}
+pkg_root="./pkg run --net none hello-bench /hello"
+pkg_user="./pkg run --user 1000 --net none hello-bench /hello"
+bwrap_cmd="bwrap --unshare-all --ro-bind $work/rootfs / --proc /proc --dev /dev /hello"
+: >ratios
+for round in $(seq "$rounds"); do
+    if [ $((round % 2)) = 0 ]; then order=("$bwrap_cmd" "$pkg_user" "$pkg_root"); else order=("$pkg_root" "$pkg_user" "$bwrap_cmd"); fi
+    hyperfine -N --warmup 3 --runs 20 --export-json round.json "${order[@]}" >/dev/null 2>&1
+    median() { jq -r --arg c "$1" '.results[] | select(.command == $c) | .median' round.json; }
+    echo "$(median "$pkg_user") $(median "$pkg_root") $(median "$bwrap_cmd")" >>ratios
+done
+sort_median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+echo "median of $rounds alternating rounds (ratio of median times; < 1 means pkg is faster):"
+echo "  pkg run --user 1000 / bwrap: $(awk '{ print $1 / $3 }' ratios | sort_median)"
+echo "  pkg run (root)      / bwrap: $(awk '{ print $2 / $3 }' ratios | sort_median)"
