@@ -180,11 +180,12 @@ fn default_store(xdg_data_home: Option<PathBuf>, home: Option<PathBuf>) -> Optio
         .or_else(|| home.map(|h| h.join(".local/share/pkg")))
 }
 
-/// The process entry point. Commands that load a recipe run on a thread
-/// with a large stack: dependency graphs are walked recursively, and a
-/// recipe may chain tens of thousands of packages (only the pages a walk
-/// touches are ever allocated). The others stay on the main thread, which
-/// keeps `pkg run IMAGE` from paying for a thread and its malloc arena.
+/// The process entry point. Commands that walk recipes' graphs or trees run
+/// on a thread with a large stack: dependency graphs are walked recursively,
+/// and a recipe may chain tens of thousands of packages (only the pages a
+/// walk touches are ever allocated). The few that never do stay on the main
+/// thread, which keeps `pkg run IMAGE` from paying for a thread and its
+/// malloc arena.
 pub fn main() -> ExitCode {
     const STACK: usize = 512 << 20;
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -200,7 +201,7 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    if !cli.command.loads_recipe() {
+    if !cli.command.walks_deep() {
         return execute(cli);
     }
     let worker = std::thread::Builder::new().name("pkg".into()).stack_size(STACK);
@@ -212,16 +213,17 @@ pub fn main() -> ExitCode {
 }
 
 impl Command {
-    /// Whether the command loads a recipe (and walks its graph).
-    fn loads_recipe(&self) -> bool {
+    /// Whether the command may recurse deeply: through a recipe's graph, or
+    /// through trees (building, assembling, importing, store maintenance).
+    fn walks_deep(&self) -> bool {
         match self {
-            Command::Build(_) | Command::Fetch(_) | Command::Graph(_) => true,
-            Command::Run(args) => run::names_recipe(args),
-            Command::Doctor(_)
-            | Command::Completions { .. }
-            | Command::Images(_)
+            Command::Run(args) => !run::names_stored_image(args),
+            Command::Doctor(_) | Command::Completions { .. } | Command::Images(_) => false,
+            Command::Build(_)
+            | Command::Fetch(_)
+            | Command::Graph(_)
             | Command::Assemble(_)
-            | Command::Store(_) => false,
+            | Command::Store(_) => true,
         }
     }
 }

@@ -138,11 +138,11 @@ impl Target {
     }
 }
 
-/// Whether the target is a recipe (built before it runs), judged from the
-/// process's working directory.
-pub fn names_recipe(args: &RunArgs) -> bool {
+/// Whether the target is an image already in the store (not a recipe to
+/// build, nor an OCI image to import), judged from the working directory.
+pub fn names_stored_image(args: &RunArgs) -> bool {
     let cwd = std::env::current_dir().unwrap_or_default();
-    matches!(Target::parse(&args.target, &cwd), Target::Recipe(_))
+    matches!(Target::parse(&args.target, &cwd), Target::Stored(_))
 }
 
 /// Runs `pkg run`; every failure before the workload starts exits 125.
