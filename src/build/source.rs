@@ -257,7 +257,8 @@ pub fn materialize(store: &Store, source: &PreparedSource, dest: &Path) -> Resul
             let reader = store.open_file(file);
             let name = url.rsplit('/').next().unwrap_or("archive").split('?').next().unwrap_or("");
             if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
-                unpack_tar(flate2::read::GzDecoder::new(reader), dest).map_err(unpack_error)
+                // Every member: pigz, bgzip and others write several.
+                unpack_tar(flate2::read::MultiGzDecoder::new(reader), dest).map_err(unpack_error)
             } else if name.ends_with(".tar") {
                 unpack_tar(reader, dest).map_err(unpack_error)
             } else {

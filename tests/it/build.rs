@@ -685,14 +685,16 @@ fn sha256_hex(bytes: &[u8]) -> String {
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A .tar.gz holding `hello-1.0/greeting`.
+/// A .tar.gz holding `hello-1.0/greeting`, in two gzip members as pigz and
+/// bgzip write them (the file's contents are in the second).
 fn archive(ctx: &TestContext) -> Vec<u8> {
+    use std::io::Write;
     ctx.write("archive/hello-1.0/greeting", "from an archive\n");
-    let tgz = ctx.root().join("hello-1.0.tar.gz");
+    let tar = ctx.root().join("hello-1.0.tar");
     let status = Command::new("tar")
         .args([
-            "-czf",
-            tgz.to_str().unwrap(),
+            "-cf",
+            tar.to_str().unwrap(),
             "-C",
             ctx.root().join("archive").to_str().unwrap(),
             "hello-1.0",
@@ -700,7 +702,14 @@ fn archive(ctx: &TestContext) -> Vec<u8> {
         .status()
         .unwrap();
     assert!(status.success());
-    std::fs::read(tgz).unwrap()
+    let tar = std::fs::read(tar).unwrap();
+    let mut tgz = Vec::new();
+    for part in [&tar[..1024], &tar[1024..]] {
+        let mut member = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        member.write_all(part).unwrap();
+        tgz.extend(member.finish().unwrap());
+    }
+    tgz
 }
 
 fn url_recipe(ctx: &TestContext, port: u16, sha256: &str, suffix: &str) {
