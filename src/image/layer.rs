@@ -26,7 +26,7 @@ use sha2::Digest as _;
 
 use super::{Compression, ImageError, Ownership};
 use crate::digest::Digest;
-use crate::store::{CachedLayer, DirNode, Node, PathComponent, Store, Tree};
+use crate::store::{CachedLayer, DirNode, Node, PathComponent, Staged, Store, Tree};
 
 /// Version of the tar and compression format; part of every [`LayerKey`], so
 /// changing how layers are written can never reuse a stale cached layer.
@@ -213,9 +213,14 @@ pub fn write_tar(
     Ok(())
 }
 
-/// Builds the layer for `key` into the store's layer cache, unless it is already there.
-/// Returns the cached layer and whether it had to be built.
-pub fn build_layer(store: &Store, key: &LayerKey) -> Result<(CachedLayer, bool), ImageError> {
+/// Builds the layer for `key` into the store's layer cache, unless it is already
+/// there: its blob and key are staged in `staged`, and in the cache once it is
+/// published. Returns the layer and whether it had to be built.
+pub fn build_layer(
+    store: &Store,
+    key: &LayerKey,
+    staged: &Staged,
+) -> Result<(CachedLayer, bool), ImageError> {
     let cache_key = key.digest();
     if let Some(layer) = store.cached_layer(&cache_key)? {
         return Ok((layer, false));
@@ -242,9 +247,9 @@ pub fn build_layer(store: &Store, key: &LayerKey) -> Result<(CachedLayer, bool),
             (enc.finish().map_err(io_err)?, diff_id)
         }
     };
-    let stored = blob.finish()?;
+    let stored = blob.finish(staged)?;
     let layer = CachedLayer { digest: stored.digest, diff_id, size: stored.size };
-    store.set_cached_layer(&cache_key, &layer)?;
+    store.stage_cached_layer(&cache_key, &layer, staged)?;
     Ok((layer, true))
 }
 

@@ -16,6 +16,10 @@
 //!    index when the image has several platforms ([`oci`]);
 //! 4. records the image in the store under its name.
 //!
+//! Steps 3 and 4 stage their files in one [`Staged`] publication, made durable
+//! at the end: blobs first, then layer keys and image records, with three
+//! waits for the disk in all.
+//!
 //! [`write_oci_layout`] and [`write_oci_archive`] copy the blobs out of the
 //! store. [`verify_oci_layout`] re-hashes everything a layout references.
 //!
@@ -44,7 +48,7 @@ use crate::digest::Digest;
 use crate::platform::Platform;
 pub use crate::recipe::Compression;
 use crate::recipe::Port;
-use crate::store::{ImageRecord, RefName, Store, StoreError};
+use crate::store::{ImageRecord, RefName, Staged, Store, StoreError};
 pub use layout::{LayoutReport, verify_oci_layout, write_oci_archive, write_oci_layout};
 
 /// Default most layers per image (see the module docs for why 32).
@@ -342,9 +346,12 @@ pub fn assemble(
         jobs.insert(planned.key.digest(), planned.key);
     }
     let jobs: Vec<(Digest, layer::LayerKey)> = jobs.into_iter().collect();
+    // Everything this call writes to the store is published at once at the end:
+    // layer and document blobs first, then layer keys and image records.
+    let staged = Staged::new();
     let build = || {
         jobs.par_iter()
-            .map(|(id, key)| layer::build_layer(store, key).map(|built| (*id, built)))
+            .map(|(id, key)| layer::build_layer(store, key, &staged).map(|built| (*id, built)))
             .collect::<Result<Vec<_>>>()
     };
     let built = match options.threads {
@@ -366,16 +373,17 @@ pub fn assemble(
     }
     let mut out = Vec::new();
     for (image, plan) in images.iter().zip(plans) {
-        let assembled = finish_image(store, image, plan, &layers)?;
+        let assembled = finish_image(store, image, plan, &layers, &staged)?;
         let record = ImageRecord {
             trees: assembled.trees(),
             metadata: serde_json::json!({ "format": RECORD_FORMAT, "image": assembled }),
         };
         let name = RefName::new(&image.name)
             .map_err(|source| ImageError::InvalidName { name: image.name.clone(), source })?;
-        store.set_image(&name, &record)?;
+        store.stage_image(&name, &record, &staged)?;
         out.push(assembled);
     }
+    staged.publish()?;
     Ok((out, stats))
 }
 
@@ -427,9 +435,10 @@ fn finish_image(
     image: &ImageSpec,
     plan: Vec<Vec<PlannedLayer>>,
     built: &HashMap<Digest, crate::store::CachedLayer>,
+    staged: &Staged,
 ) -> Result<AssembledImage> {
     // Every document is made in memory first (each names the ones before by
-    // digest), then all are stored at once.
+    // digest), then all are staged at once.
     let mut documents: Vec<Vec<u8>> = Vec::new();
     let mut platforms = Vec::new();
     for (contents, planned) in image.platforms.iter().zip(plan) {
@@ -490,7 +499,7 @@ fn finish_image(
         (oci_spec::image::MediaType::ImageIndex, index.clone(), Some(index))
     };
     let documents: Vec<&[u8]> = documents.iter().map(Vec::as_slice).collect();
-    store.put_oci_blobs(&documents)?;
+    store.stage_oci_blobs(&documents, staged)?;
     Ok(AssembledImage {
         name: image.name.clone(),
         created: image.created,

@@ -10,9 +10,10 @@
 //! - Blobs are streamed into a temp file in `ROOT/tmp/` through an [`OciBlobWriter`]
 //!   that hashes and counts as it writes, then fsynced and renamed to their sha256
 //!   name: a name holds complete content or nothing.
-//! - A key file is written (atomically) only after the blob it names is in place,
-//!   and [`Store::cached_layer`] treats a key whose blob is missing as absent, so
-//!   deleting `ROOT/layers/` at any time only costs rebuilding layers.
+//! - A key file is written (atomically) only after the blob it names is durable
+//!   under its name (a [`Staged`] publication: blobs are its `Content`, keys its
+//!   `Names`), and [`Store::cached_layer`] treats a key whose blob is missing as
+//!   absent, so deleting `ROOT/layers/` at any time only costs rebuilding layers.
 //! - The store does not interpret keys: the image module hashes everything that
 //!   changes a layer's bytes (tree, compression, ownership, mtime, format) into one.
 //! - `gc` does not sweep this directory (it is a cache, not a root); removing it
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 
 use sha2::Digest as _;
 
-use super::{IoContext, Result, Store, StoreError};
+use super::{Existing, IoContext, Result, Staged, Step, Store, StoreError};
 use crate::digest::Digest;
 
 /// What the cache holds for one layer key.
@@ -81,18 +82,15 @@ impl Write for OciBlobWriter {
 }
 
 impl OciBlobWriter {
-    /// Syncs the blob and renames it to its sha256 name (keeping an existing copy).
-    pub fn finish(self) -> Result<OciBlob> {
+    /// Stages the blob to be renamed to its sha256 name (keeping an existing
+    /// copy) when `staged` is published; until then it is not in the store.
+    pub fn finish(self, staged: &Staged) -> Result<OciBlob> {
         let digest = hex(&self.hasher.finalize());
         let tmp = self.file.into_inner().map_err(|e| e.into_error());
         let tmp_dir = self.store.root.join("tmp");
         let tmp = tmp.ctx("write a temp file in", &tmp_dir)?;
-        tmp.as_file().sync_all().ctx("sync", tmp.path())?;
         let path = self.store.oci_blob_path(&digest);
-        if !path.exists() {
-            tmp.persist(&path).map_err(|e| e.error).ctx("rename a temp file to", &path)?;
-            super::sync_parent(&path)?;
-        }
+        staged.add(Step::Content, tmp, path, Existing::Keep);
         Ok(OciBlob { digest, size: self.size })
     }
 }
@@ -133,11 +131,18 @@ impl Store {
     }
 
     /// Stores small OCI blobs (configs, manifests, an index) and returns their
-    /// sha256 and size, in order. Like [`Store::write_atomic`] for each, but the
-    /// temp files are synced together, then renamed, then the directory synced
-    /// once.
+    /// sha256 and size, in order: [`Store::stage_oci_blobs`], published at once.
     pub fn put_oci_blobs(&self, blobs: &[&[u8]]) -> Result<Vec<OciBlob>> {
-        use std::os::unix::fs::PermissionsExt;
+        let staged = Staged::new();
+        let stored = self.stage_oci_blobs(blobs, &staged)?;
+        staged.publish()?;
+        Ok(stored)
+    }
+
+    /// Stages the small OCI blobs not yet stored (as `Content`) and returns the
+    /// sha256 and size of each, in order. Hold a [`Pin`](super::Pin) until
+    /// `staged` is published.
+    pub fn stage_oci_blobs(&self, blobs: &[&[u8]], staged: &Staged) -> Result<Vec<OciBlob>> {
         let stored: Vec<OciBlob> = blobs
             .iter()
             .map(|b| OciBlob { digest: hex(&sha2::Sha256::digest(b)), size: b.len() as u64 })
@@ -149,29 +154,12 @@ impl Store {
                 missing.push((bytes, path));
             }
         }
-        if missing.is_empty() {
-            return Ok(stored);
+        if !missing.is_empty() {
+            self.layers_dir("sha256")?;
         }
-        let dir = self.layers_dir("sha256")?;
-        let tmp_dir = self.root.join("tmp");
-        let mut temps = Vec::with_capacity(missing.len());
-        for (bytes, _) in &missing {
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".w")
-                .permissions(std::fs::Permissions::from_mode(0o444))
-                .tempfile_in(&tmp_dir)
-                .ctx("create a temp file in", &tmp_dir)?;
-            tmp.write_all(bytes).ctx("write", tmp.path())?;
-            temps.push(tmp);
+        for (bytes, path) in missing {
+            staged.add(Step::Content, self.temp_file(&[bytes], 0o444)?, path, Existing::Keep);
         }
-        let files: Vec<&std::fs::File> = temps.iter().map(|t| t.as_file()).collect();
-        if let Err((i, e)) = super::sync_all_together(&files) {
-            return Err(e).ctx("sync", temps[i].path());
-        }
-        for (tmp, (_, path)) in temps.into_iter().zip(&missing) {
-            tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
-        }
-        super::sync_dir(&dir)?;
         Ok(stored)
     }
 
@@ -199,10 +187,25 @@ impl Store {
 
     /// Records that the layer for `key` is `layer`; its blob must already be stored.
     pub fn set_cached_layer(&self, key: &Digest, layer: &CachedLayer) -> Result<()> {
+        let staged = Staged::new();
+        self.stage_cached_layer(key, layer, &staged)?;
+        staged.publish()
+    }
+
+    /// Stages the record that the layer for `key` is `layer` (as `Names`): its
+    /// blob must be stored or staged in the same publication.
+    pub fn stage_cached_layer(
+        &self,
+        key: &Digest,
+        layer: &CachedLayer,
+        staged: &Staged,
+    ) -> Result<()> {
         let dir = self.layers_dir("keys")?;
         let mut bytes = serde_json::to_vec(layer).expect("layer records serialize");
         bytes.push(b'\n');
-        self.write_atomic(&dir.join(key.to_hex()), &bytes, 0o644)
+        let tmp = self.temp_file(&[&bytes], 0o644)?;
+        staged.add(Step::Names, tmp, dir.join(key.to_hex()), Existing::Replace);
+        Ok(())
     }
 }
 
@@ -216,7 +219,10 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut w = store.oci_blob_writer().unwrap();
         w.write_all(b"abc").unwrap();
-        let blob = w.finish().unwrap();
+        let staged = Staged::new();
+        let blob = w.finish(&staged).unwrap();
+        assert!(!store.oci_blob_path(&blob.digest).exists());
+        staged.publish().unwrap();
         assert_eq!(blob.digest, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(std::fs::read(store.oci_blob_path(&blob.digest)).unwrap(), b"abc");
         assert_eq!(store.put_oci_blob(b"abc").unwrap(), blob);

@@ -20,7 +20,8 @@
 //!   leaves the store valid; at worst `tmp/` holds garbage that `gc` removes.
 //! - Every file is durable before anything that names it is written. Refs,
 //!   image records, layers and objects written outside ingest get an fsync of
-//!   the file before the rename and of the directory after it. Ingest writes its
+//!   the file before the rename and of the directory after it (several at once
+//!   through a [`Staged`] publication, which keeps that order). Ingest writes its
 //!   blobs and trees without either and makes them durable in one batch (a
 //!   `syncfs`) before it returns the digest, under a marker that lets the next
 //!   [`Store::open`] find and repair what a power loss mid-ingest left torn: see
@@ -42,6 +43,7 @@ mod ingest;
 mod layers;
 mod maintenance;
 mod refs;
+mod staged;
 pub mod tree;
 
 use std::fs::File;
@@ -54,6 +56,7 @@ pub(crate) use layers::is_sha256_hex;
 pub use layers::{CachedLayer, OciBlob, OciBlobWriter, hex};
 pub use maintenance::{GcReport, Problem, Stats, VerifyReport};
 pub use refs::{ImageRecord, ImportRecord, RefName};
+pub use staged::{Existing, Staged, Step};
 pub use tree::{Chunk, DirNode, FileNode, Node, PathComponent, Permissions, SymlinkTarget, Tree};
 
 use crate::digest::Digest;
@@ -232,6 +235,14 @@ impl Store {
 
     /// [`Store::write_atomic`] of the concatenation of `parts`.
     pub(crate) fn write_atomic_parts(&self, path: &Path, parts: &[&[u8]], mode: u32) -> Result<()> {
+        let tmp = self.temp_file(parts, mode)?;
+        tmp.as_file().sync_all().ctx("sync", tmp.path())?;
+        tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
+        sync_parent(path)
+    }
+
+    /// A temp file in `tmp/` holding the concatenation of `parts` (not synced).
+    pub(crate) fn temp_file(&self, parts: &[&[u8]], mode: u32) -> Result<tempfile::NamedTempFile> {
         use std::os::unix::fs::PermissionsExt;
         let tmp_dir = self.root.join("tmp");
         let mut tmp = tempfile::Builder::new()
@@ -242,24 +253,13 @@ impl Store {
         for part in parts {
             tmp.write_all(part).ctx("write", tmp.path())?;
         }
-        tmp.as_file().sync_all().ctx("sync", tmp.path())?;
-        tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
-        sync_parent(path)
+        Ok(tmp)
     }
 
     /// Writes the concatenation of `parts` to `path` as temp file + rename with no
     /// fsync: durable only once `batch` finishes (see [`batch`]).
     fn write_unsynced(&self, path: &Path, parts: &[&[u8]], batch: &batch::Batch) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let tmp_dir = self.root.join("tmp");
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".w")
-            .permissions(std::fs::Permissions::from_mode(0o444))
-            .tempfile_in(&tmp_dir)
-            .ctx("create a temp file in", &tmp_dir)?;
-        for part in parts {
-            tmp.write_all(part).ctx("write", tmp.path())?;
-        }
+        let tmp = self.temp_file(parts, 0o444)?;
         tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
         batch.wrote(parts.iter().map(|p| p.len() as u64).sum());
         Ok(())

@@ -1,0 +1,184 @@
+//! Publishing several files durably while waiting for the disk only three times.
+//!
+//! Each file is first written in full to a temp file on its destination's
+//! filesystem and handed to a [`Staged`] with its final name and a [`Step`].
+//! [`Staged::publish`] then
+//!
+//! 1. fsyncs every temp file at once ([`sync_all_together`]);
+//! 2. renames the [`Step::Content`] files to their names and fsyncs their
+//!    directories (and any extra ones given) at once;
+//! 3. does the same for the [`Step::Names`] files.
+//!
+//! Invariants: a name appears only with complete content (rename of a synced
+//! temp file), and a `Names` file (a layer key, an image record, `index.json`)
+//! becomes durable only after every `Content` file it may refer to is durable
+//! under its name — the same guarantees as one temp + fsync + rename +
+//! directory fsync per file in that order, at the cost of three waits instead of
+//! two per file. Nothing is renamed unless every temp file synced; a failure
+//! later leaves the files renamed so far in place, each complete.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::{IoContext, Result, StoreError, sync_all_together};
+
+/// When a staged file is renamed into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Files that refer to nothing else staged: blobs, `oci-layout`.
+    Content,
+    /// Files that may name `Content` files: layer keys, records, `index.json`.
+    Names,
+}
+
+/// What to do when a staged file's name already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Replace it (a ref, `index.json`).
+    Replace,
+    /// Keep it and drop the new copy (a name that is a hash of the content).
+    Keep,
+}
+
+struct StagedFile {
+    tmp: tempfile::NamedTempFile,
+    dest: PathBuf,
+    existing: Existing,
+}
+
+#[derive(Default)]
+struct StepFiles {
+    files: Vec<StagedFile>,
+    /// Directories to fsync besides the destinations' parents.
+    dirs: BTreeSet<PathBuf>,
+}
+
+/// Files waiting to be published together; see the module docs. Several
+/// threads may stage into one.
+#[derive(Default)]
+pub struct Staged {
+    steps: Mutex<[StepFiles; 2]>,
+    /// Whether a directory that refuses fsync is an error.
+    lenient_dirs: bool,
+}
+
+impl Staged {
+    pub fn new() -> Self {
+        Staged::default()
+    }
+
+    /// Like [`Staged::new`], but a directory whose fsync fails is not an error:
+    /// for output directories, which may be on a filesystem that refuses to
+    /// fsync one (the files themselves are still synced).
+    pub fn lenient_dirs() -> Self {
+        Staged { lenient_dirs: true, ..Staged::default() }
+    }
+
+    /// Stages the fully written temp file `tmp` to become `dest` in `step`.
+    pub fn add(&self, step: Step, tmp: tempfile::NamedTempFile, dest: PathBuf, existing: Existing) {
+        self.with_step(step, |s| s.files.push(StagedFile { tmp, dest, existing }));
+    }
+
+    /// Also fsyncs `dir` in `step` (e.g. the parent of a directory just created).
+    pub fn sync_dir(&self, step: Step, dir: PathBuf) {
+        self.with_step(step, |s| {
+            s.dirs.insert(dir);
+        });
+    }
+
+    fn with_step(&self, step: Step, f: impl FnOnce(&mut StepFiles)) {
+        // A panic elsewhere while holding the lock leaves the lists whole.
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut steps[step as usize]);
+    }
+
+    /// Makes every staged file durable under its name, in step order.
+    pub fn publish(self) -> Result<()> {
+        let steps = self.steps.into_inner().unwrap_or_else(|e| e.into_inner());
+        let all: Vec<&StagedFile> = steps.iter().flat_map(|s| &s.files).collect();
+        let files: Vec<&File> = all.iter().map(|f| f.tmp.as_file()).collect();
+        if let Err((i, e)) = sync_all_together(&files) {
+            return Err(e).ctx("sync", all[i].tmp.path());
+        }
+        for step in steps {
+            let mut dirs = step.dirs;
+            for file in step.files {
+                if file.existing == Existing::Keep && file.dest.exists() {
+                    continue;
+                }
+                let dest = file.dest;
+                file.tmp.persist(&dest).map_err(|e| e.error).ctx("rename a temp file to", &dest)?;
+                if let Some(parent) = dest.parent() {
+                    dirs.insert(parent.to_path_buf());
+                }
+            }
+            match sync_dirs(&dirs) {
+                Err(_) if self.lenient_dirs => {}
+                result => result?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fsyncs directories at once.
+fn sync_dirs(dirs: &BTreeSet<PathBuf>) -> Result<()> {
+    let opened: Vec<(File, &Path)> = dirs
+        .iter()
+        .map(|d| File::open(d).map(|f| (f, d.as_path())).ctx("open directory", d))
+        .collect::<Result<_>>()?;
+    let files: Vec<&File> = opened.iter().map(|(f, _)| f).collect();
+    sync_all_together(&files).map_err(|(i, source)| StoreError::Io {
+        action: "sync directory",
+        path: opened[i].1.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn temp_with(dir: &Path, bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).unwrap();
+        tmp.write_all(bytes).unwrap();
+        tmp
+    }
+
+    #[test]
+    fn publishes_every_file_replacing_or_keeping_existing_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blob, key, kept) =
+            (dir.path().join("blob"), dir.path().join("key"), dir.path().join("kept"));
+        std::fs::write(&key, b"old key").unwrap();
+        std::fs::write(&kept, b"first").unwrap();
+        let staged = Staged::new();
+        staged.add(Step::Names, temp_with(dir.path(), b"key"), key.clone(), Existing::Replace);
+        staged.add(Step::Content, temp_with(dir.path(), b"blob"), blob.clone(), Existing::Keep);
+        staged.add(Step::Content, temp_with(dir.path(), b"second"), kept.clone(), Existing::Keep);
+        staged.sync_dir(Step::Content, dir.path().to_path_buf());
+        staged.publish().unwrap();
+        assert_eq!(std::fs::read(&blob).unwrap(), b"blob");
+        assert_eq!(std::fs::read(&key).unwrap(), b"key");
+        assert_eq!(std::fs::read(&kept).unwrap(), b"first");
+        // Only the three names are left: kept copies and temp files are gone.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn a_name_that_cannot_be_written_leaves_the_content_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = Staged::new();
+        let blob = dir.path().join("blob");
+        staged.add(Step::Content, temp_with(dir.path(), b"blob"), blob.clone(), Existing::Keep);
+        let missing = dir.path().join("missing/key");
+        staged.add(Step::Names, temp_with(dir.path(), b"key"), missing, Existing::Replace);
+        assert!(staged.publish().is_err());
+        // The content step completed; the name that could not be written is absent.
+        assert_eq!(std::fs::read(&blob).unwrap(), b"blob");
+    }
+}
