@@ -116,7 +116,7 @@ fn read_layer(
 ) -> Vec<(String, char, u32, u64, u64, u64, String)> {
     let file = std::fs::File::open(blob).unwrap();
     let reader: Box<dyn Read> = match compression {
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(file)),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
         Compression::Zstd => Box::new(zstd::stream::Decoder::new(file).unwrap()),
     };
     let mut archive = tar::Archive::new(reader);
@@ -336,7 +336,7 @@ fn image_layer_tars_are_canonical() {
         let mut tar = vec![];
         let file = std::fs::File::open(store.oci_blob_path(&layer.blob.digest)).unwrap();
         match compression {
-            Compression::Gzip => flate2::read::GzDecoder::new(file).read_to_end(&mut tar),
+            Compression::Gzip => flate2::read::MultiGzDecoder::new(file).read_to_end(&mut tar),
             Compression::Zstd => zstd::stream::Decoder::new(file).unwrap().read_to_end(&mut tar),
         }
         .unwrap();
@@ -692,6 +692,10 @@ crate::rootless_test! {
         std::fs::create_dir_all(&out).unwrap();
         std::fs::copy(&bin, out.join("hello")).unwrap();
         std::fs::set_permissions(out.join("hello"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Incompressible padding makes the layer several gzip members long.
+        let mut padding = vec![0u8; 3 * image::gzip::BLOCK];
+        blake3::Hasher::new().update(b"padding").finalize_xof().fill(&mut padding);
+        std::fs::write(out.join("padding"), padding).unwrap();
         make_dir(&ctx.root().join("out"), &[]);
         let hello = PackageTree { name: "hello".into(), tree: ingest(&store, &ctx.root().join("out")) };
         let mut spec = spec("hello", &[Platform::host()], &[hello]);
