@@ -83,10 +83,15 @@ fn all_blobs(images: &[AssembledImage]) -> Vec<BlobRef> {
     blobs.into_values().collect()
 }
 
-/// Opens a stored blob, checking its size (its content is verified while copied).
-fn open_blob(store: &Store, blob: &BlobRef) -> Result<File> {
+/// Opens a stored blob, or one staged in `staged` to be stored, checking its
+/// size (its content is verified while copied).
+fn open_blob(store: &Store, blob: &BlobRef, staged: Option<&Staged>) -> Result<File> {
     let path = store.oci_blob_path(&blob.digest);
-    let file = File::open(&path).map_err(io_err("open the stored blob", &path))?;
+    let file = match staged.and_then(|s| s.reopen(&path)) {
+        Some(file) => file,
+        None => File::open(&path),
+    };
+    let file = file.map_err(io_err("open the stored blob", &path))?;
     let len = file.metadata().map_err(io_err("read metadata of", &path))?.len();
     if len != blob.size {
         return Err(ImageError::CorruptBlob {
@@ -128,9 +133,23 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 /// Writes `images` into the OCI image layout at `dir` (created if absent),
 /// each named in `index.json` by its name.
 pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) -> Result<()> {
+    let staged = Staged::new();
+    stage_oci_layout(store, dir, images, &staged)?;
+    staged.publish()?;
+    Ok(())
+}
+
+/// Stages in `staged` what [`write_oci_layout`] writes; the blobs may be in
+/// the store or staged in `staged` to be stored.
+pub(super) fn stage_oci_layout(
+    store: &Store,
+    dir: &Path,
+    images: &[AssembledImage],
+    staged: &Staged,
+) -> Result<()> {
     let blobs_dir = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs_dir).map_err(io_err("create directory", &blobs_dir))?;
-    let staged = Staged::lenient_dirs();
+    staged.lenient_dirs_under(dir.to_path_buf());
     for blob in all_blobs(images) {
         let dest = blobs_dir.join(&blob.digest);
         if dest.exists() {
@@ -138,7 +157,7 @@ pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) ->
         }
         let from = store.oci_blob_path(&blob.digest);
         let mut tmp = temp_in(&blobs_dir)?;
-        copy_verified(open_blob(store, &blob)?, tmp.as_file_mut(), &blob, &from)?;
+        copy_verified(open_blob(store, &blob, Some(staged))?, tmp.as_file_mut(), &blob, &from)?;
         set_mode(tmp.path(), 0o444)?;
         staged.add(Step::Content, tmp, dest, Existing::Keep);
     }
@@ -174,7 +193,6 @@ pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) ->
     manifests.sort_by(|a, b| a.0.cmp(&b.0));
     let manifests = manifests.into_iter().map(|(_, d)| d).collect();
     staged.add(Step::Names, temp_with(dir, &index_json(manifests))?, index_path, Existing::Replace);
-    staged.publish()?;
     Ok(())
 }
 
@@ -236,7 +254,7 @@ pub fn write_oci_archive(store: &Store, path: &Path, images: &[AssembledImage]) 
                 io::empty(),
             )?;
             for blob in all_blobs(images) {
-                let file = open_blob(store, &blob).map_err(io::Error::other)?;
+                let file = open_blob(store, &blob, None).map_err(io::Error::other)?;
                 let name = format!("blobs/sha256/{}", blob.digest);
                 let mut h = header(tar::EntryType::Regular, 0o444, blob.size);
                 // The size was checked on open; the tar crate fails if the file changes length.

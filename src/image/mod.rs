@@ -315,6 +315,39 @@ pub fn assemble(
     options: &AssembleOptions,
 ) -> Result<(Vec<AssembledImage>, AssembleStats)> {
     let _pin = store.pin()?;
+    let staged = Staged::new();
+    let assembled = assemble_staged(store, images, options, &staged)?;
+    staged.publish()?;
+    Ok(assembled)
+}
+
+/// [`assemble`], then [`write_oci_layout`] of the images into `dir`, in one
+/// publication: the layout's fsyncs overlap the store's (three waits for the
+/// disk in all), and its blobs are copied from the files being stored.
+pub fn assemble_into_layout(
+    store: &Store,
+    images: &[ImageSpec],
+    options: &AssembleOptions,
+    dir: &std::path::Path,
+) -> Result<(Vec<AssembledImage>, AssembleStats)> {
+    let _pin = store.pin()?;
+    let staged = Staged::new();
+    let assembled = assemble_staged(store, images, options, &staged)?;
+    // The images are recorded even when the layout cannot be written.
+    let layout = layout::stage_oci_layout(store, dir, &assembled.0, &staged);
+    staged.publish()?;
+    layout?;
+    Ok(assembled)
+}
+
+/// [`assemble`] with everything it writes to the store staged in `staged`.
+/// The caller holds a [`Pin`](crate::store::Pin) until it publishes.
+fn assemble_staged(
+    store: &Store,
+    images: &[ImageSpec],
+    options: &AssembleOptions,
+    staged: &Staged,
+) -> Result<(Vec<AssembledImage>, AssembleStats)> {
     for image in images {
         RefName::new(&image.name)
             .map_err(|source| ImageError::InvalidName { name: image.name.clone(), source })?;
@@ -348,10 +381,9 @@ pub fn assemble(
     let jobs: Vec<(Digest, layer::LayerKey)> = jobs.into_iter().collect();
     // Everything this call writes to the store is published at once at the end:
     // layer and document blobs first, then layer keys and image records.
-    let staged = Staged::new();
     let build = || {
         jobs.par_iter()
-            .map(|(id, key)| layer::build_layer(store, key, &staged).map(|built| (*id, built)))
+            .map(|(id, key)| layer::build_layer(store, key, staged).map(|built| (*id, built)))
             .collect::<Result<Vec<_>>>()
     };
     let built = match options.threads {
@@ -373,17 +405,16 @@ pub fn assemble(
     }
     let mut out = Vec::new();
     for (image, plan) in images.iter().zip(plans) {
-        let assembled = finish_image(store, image, plan, &layers, &staged)?;
+        let assembled = finish_image(store, image, plan, &layers, staged)?;
         let record = ImageRecord {
             trees: assembled.trees(),
             metadata: serde_json::json!({ "format": RECORD_FORMAT, "image": assembled }),
         };
         let name = RefName::new(&image.name)
             .map_err(|source| ImageError::InvalidName { name: image.name.clone(), source })?;
-        store.stage_image(&name, &record, &staged)?;
+        store.stage_image(&name, &record, staged)?;
         out.push(assembled);
     }
-    staged.publish()?;
     Ok((out, stats))
 }
 

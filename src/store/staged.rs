@@ -16,13 +16,17 @@
 //! directory fsync per file in that order, at the cost of three waits instead of
 //! two per file. Nothing is renamed unless every temp file synced; a failure
 //! later leaves the files renamed so far in place, each complete.
+//!
+//! One publication may span filesystems (the store and an OCI layout written
+//! beside it): their fsyncs still overlap. Until it is published, a staged
+//! file's content is readable through [`Staged::reopen`].
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{IoContext, Result, StoreError, sync_all_together};
+use super::{IoContext, Result, sync_all_together};
 
 /// When a staged file is renamed into place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +64,8 @@ struct StepFiles {
 #[derive(Default)]
 pub struct Staged {
     steps: Mutex<[StepFiles; 2]>,
-    /// Whether a directory that refuses fsync is an error.
-    lenient_dirs: bool,
+    /// Directories at or below these may refuse fsync without failing.
+    lenient: Mutex<Vec<PathBuf>>,
 }
 
 impl Staged {
@@ -69,34 +73,35 @@ impl Staged {
         Staged::default()
     }
 
-    /// Like [`Staged::new`], but a directory whose fsync fails is not an error:
-    /// for output directories, which may be on a filesystem that refuses to
-    /// fsync one (the files themselves are still synced).
-    pub fn lenient_dirs() -> Self {
-        Staged { lenient_dirs: true, ..Staged::default() }
-    }
-
     /// Stages the fully written temp file `tmp` to become `dest` in `step`.
     pub fn add(&self, step: Step, tmp: tempfile::NamedTempFile, dest: PathBuf, existing: Existing) {
-        self.with_step(step, |s| s.files.push(StagedFile { tmp, dest, existing }));
+        lock(&self.steps)[step as usize].files.push(StagedFile { tmp, dest, existing });
     }
 
     /// Also fsyncs `dir` in `step` (e.g. the parent of a directory just created).
     pub fn sync_dir(&self, step: Step, dir: PathBuf) {
-        self.with_step(step, |s| {
-            s.dirs.insert(dir);
-        });
+        lock(&self.steps)[step as usize].dirs.insert(dir);
     }
 
-    fn with_step(&self, step: Step, f: impl FnOnce(&mut StepFiles)) {
-        // A panic elsewhere while holding the lock leaves the lists whole.
-        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut steps[step as usize]);
+    /// A directory at or below `root` whose fsync fails is not an error: for
+    /// output directories, which may be on a filesystem that refuses to fsync
+    /// one (the files themselves are still synced).
+    pub fn lenient_dirs_under(&self, root: PathBuf) {
+        lock(&self.lenient).push(root);
+    }
+
+    /// The content staged to become `dest`, read from its temp file, if any.
+    pub fn reopen(&self, dest: &Path) -> Option<std::io::Result<File>> {
+        let steps = lock(&self.steps);
+        let file = steps.iter().flat_map(|s| &s.files).find(|f| f.dest == dest)?;
+        // Read-only: blobs are staged with mode 0444.
+        Some(File::open(file.tmp.path()))
     }
 
     /// Makes every staged file durable under its name, in step order.
     pub fn publish(self) -> Result<()> {
         let steps = self.steps.into_inner().unwrap_or_else(|e| e.into_inner());
+        let lenient = self.lenient.into_inner().unwrap_or_else(|e| e.into_inner());
         let all: Vec<&StagedFile> = steps.iter().flat_map(|s| &s.files).collect();
         let files: Vec<&File> = all.iter().map(|f| f.tmp.as_file()).collect();
         if let Err((i, e)) = sync_all_together(&files) {
@@ -114,27 +119,41 @@ impl Staged {
                     dirs.insert(parent.to_path_buf());
                 }
             }
-            match sync_dirs(&dirs) {
-                Err(_) if self.lenient_dirs => {}
-                result => result?,
-            }
+            sync_dirs(&dirs, &lenient)?;
         }
         Ok(())
     }
 }
 
-/// Fsyncs directories at once.
-fn sync_dirs(dirs: &BTreeSet<PathBuf>) -> Result<()> {
-    let opened: Vec<(File, &Path)> = dirs
-        .iter()
-        .map(|d| File::open(d).map(|f| (f, d.as_path())).ctx("open directory", d))
-        .collect::<Result<_>>()?;
-    let files: Vec<&File> = opened.iter().map(|(f, _)| f).collect();
-    sync_all_together(&files).map_err(|(i, source)| StoreError::Io {
-        action: "sync directory",
-        path: opened[i].1.to_path_buf(),
-        source,
-    })
+/// Locks `m`; a panic elsewhere while it was held leaves the lists whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Fsyncs directories at once (one thread each), failing on the first that
+/// cannot be synced unless it is at or below one of `lenient`.
+fn sync_dirs(dirs: &BTreeSet<PathBuf>, lenient: &[PathBuf]) -> Result<()> {
+    let results: Vec<(&PathBuf, Result<()>)> = std::thread::scope(|scope| {
+        let spawned: Vec<_> =
+            dirs.iter().map(|dir| (dir, scope.spawn(move || super::sync_dir(dir)))).collect();
+        spawned
+            .into_iter()
+            .map(|(dir, handle)| {
+                let result = handle.join().unwrap_or_else(|_| {
+                    Err(std::io::Error::other("an fsync thread panicked"))
+                        .ctx("sync directory", dir)
+                });
+                (dir, result)
+            })
+            .collect()
+    });
+    for (dir, result) in results {
+        if result.is_err() && lenient.iter().any(|root| dir.starts_with(root)) {
+            continue;
+        }
+        result?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -167,6 +186,32 @@ mod tests {
         assert_eq!(std::fs::read(&kept).unwrap(), b"first");
         // Only the three names are left: kept copies and temp files are gone.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn staged_content_can_be_read_before_it_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = Staged::new();
+        let blob = dir.path().join("blob");
+        staged.add(Step::Content, temp_with(dir.path(), b"blob"), blob.clone(), Existing::Keep);
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut staged.reopen(&blob).unwrap().unwrap(), &mut read)
+            .unwrap();
+        assert_eq!(read, "blob");
+        assert!(staged.reopen(&dir.path().join("other")).is_none());
+    }
+
+    #[test]
+    fn only_lenient_directories_may_fail_to_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        let staged = Staged::new();
+        staged.sync_dir(Step::Content, gone.clone());
+        assert!(staged.publish().is_err());
+        let staged = Staged::new();
+        staged.sync_dir(Step::Content, gone.clone());
+        staged.lenient_dirs_under(dir.path().to_path_buf());
+        staged.publish().unwrap();
     }
 
     #[test]
