@@ -3,9 +3,12 @@
 //!
 //! Invariants:
 //! - Blobs are copied into a temp file next to their destination, hashed while
-//!   copying and checked against their name. A blob already present is left
-//!   alone (its name is its content; a damaged one is what [`verify_oci_layout`]
-//!   reports).
+//!   copying and checked against their name. The exception is a blob staged in
+//!   the same publication (a layer just built): it was hashed as it was
+//!   written, moments ago, by this process, so the kernel copies it
+//!   (`copy_file_range`) and only its size is checked. A blob already present
+//!   is left alone (its name is its content; a damaged one is what
+//!   [`verify_oci_layout`] reports).
 //! - `index.json` is written canonically, replacing the old one atomically, so a
 //!   reader sees the old or the new layout, never a half-written one. Entries
 //!   of other refs already in it are kept; entries with the refs being written
@@ -83,15 +86,16 @@ fn all_blobs(images: &[AssembledImage]) -> Vec<BlobRef> {
     blobs.into_values().collect()
 }
 
-/// Opens a stored blob, or one staged in `staged` to be stored, checking its
-/// size (its content is verified while copied).
-fn open_blob(store: &Store, blob: &BlobRef, staged: Option<&Staged>) -> Result<File> {
+/// Opens a stored blob, checking its size (its content is verified while copied).
+fn open_blob(store: &Store, blob: &BlobRef) -> Result<File> {
     let path = store.oci_blob_path(&blob.digest);
-    let file = match staged.and_then(|s| s.reopen(&path)) {
-        Some(file) => file,
-        None => File::open(&path),
-    };
-    let file = file.map_err(io_err("open the stored blob", &path))?;
+    let file = File::open(&path).map_err(io_err("open the stored blob", &path))?;
+    check_size(file, blob, store)
+}
+
+/// `file`, the content of `blob` in `store`, unless its length is not the blob's size.
+fn check_size(file: File, blob: &BlobRef, store: &Store) -> Result<File> {
+    let path = store.oci_blob_path(&blob.digest);
     let len = file.metadata().map_err(io_err("read metadata of", &path))?.len();
     if len != blob.size {
         return Err(ImageError::CorruptBlob {
@@ -157,7 +161,13 @@ pub(super) fn stage_oci_layout(
         }
         let from = store.oci_blob_path(&blob.digest);
         let mut tmp = temp_in(&blobs_dir)?;
-        copy_verified(open_blob(store, &blob, Some(staged))?, tmp.as_file_mut(), &blob, &from)?;
+        match staged.reopen(&from) {
+            Some(fresh) => {
+                let mut fresh = check_size(fresh.map_err(io_err("open", &from))?, &blob, store)?;
+                io::copy(&mut fresh, tmp.as_file_mut()).map_err(io_err("copy", &from))?;
+            }
+            None => copy_verified(open_blob(store, &blob)?, tmp.as_file_mut(), &blob, &from)?,
+        }
         set_mode(tmp.path(), 0o444)?;
         staged.add(Step::Content, tmp, dest, Existing::Keep);
     }
@@ -254,7 +264,7 @@ pub fn write_oci_archive(store: &Store, path: &Path, images: &[AssembledImage]) 
                 io::empty(),
             )?;
             for blob in all_blobs(images) {
-                let file = open_blob(store, &blob, None).map_err(io::Error::other)?;
+                let file = open_blob(store, &blob).map_err(io::Error::other)?;
                 let name = format!("blobs/sha256/{}", blob.digest);
                 let mut h = header(tar::EntryType::Regular, 0o444, blob.size);
                 // The size was checked on open; the tar crate fails if the file changes length.
