@@ -216,17 +216,20 @@ pub fn write_tar(
 
 /// Builds the layer for `key` into the store's layer cache, unless it is already
 /// there: its blob and key are staged in `staged`, and in the cache once it is
-/// published. Returns the layer and whether it had to be built.
+/// published. A layer it builds is also staged as a blob in `copy_to`, if
+/// given (an OCI layout's `blobs/sha256`). Returns the layer and whether it
+/// had to be built.
 pub fn build_layer(
     store: &Store,
     key: &LayerKey,
     staged: &Staged,
+    copy_to: Option<&Path>,
 ) -> Result<(CachedLayer, bool), ImageError> {
     let cache_key = key.digest();
     if let Some(layer) = store.cached_layer(&cache_key)? {
         return Ok((layer, false));
     }
-    let blob = store.oci_blob_writer()?;
+    let blob = store.oci_blob_writer(copy_to)?;
     let io_err = |source: io::Error| ImageError::Tar { tree: key.tree, source };
     let (blob, diff_id) = match key.compression {
         Compression::Gzip => {

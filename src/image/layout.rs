@@ -134,6 +134,11 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
         .map_err(io_err("set permissions of", path))
 }
 
+/// Where the layout at `dir` keeps its blobs.
+pub(super) fn blobs_dir(dir: &Path) -> PathBuf {
+    dir.join("blobs/sha256")
+}
+
 /// Writes `images` into the OCI image layout at `dir` (created if absent),
 /// each named in `index.json` by its name.
 pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) -> Result<()> {
@@ -151,12 +156,13 @@ pub(super) fn stage_oci_layout(
     images: &[AssembledImage],
     staged: &Staged,
 ) -> Result<()> {
-    let blobs_dir = dir.join("blobs/sha256");
+    let blobs_dir = blobs_dir(dir);
     std::fs::create_dir_all(&blobs_dir).map_err(io_err("create directory", &blobs_dir))?;
     staged.lenient_dirs_under(dir.to_path_buf());
     for blob in all_blobs(images) {
         let dest = blobs_dir.join(&blob.digest);
-        if dest.exists() {
+        // Present, or written while its layer was built.
+        if dest.exists() || staged.is_staged(&dest) {
             continue;
         }
         let from = store.oci_blob_path(&blob.digest);

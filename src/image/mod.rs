@@ -316,14 +316,15 @@ pub fn assemble(
 ) -> Result<(Vec<AssembledImage>, AssembleStats)> {
     let _pin = store.pin()?;
     let staged = Staged::new();
-    let assembled = assemble_staged(store, images, options, &staged)?;
+    let assembled = assemble_staged(store, images, options, &staged, None)?;
     staged.publish()?;
     Ok(assembled)
 }
 
 /// [`assemble`], then [`write_oci_layout`] of the images into `dir`, in one
 /// publication: the layout's fsyncs overlap the store's (three waits for the
-/// disk in all), and its blobs are copied from the files being stored.
+/// disk in all). Layers built now are written into the layout as they are
+/// compressed, the other blobs copied from the store.
 pub fn assemble_into_layout(
     store: &Store,
     images: &[ImageSpec],
@@ -332,7 +333,21 @@ pub fn assemble_into_layout(
 ) -> Result<(Vec<AssembledImage>, AssembleStats)> {
     let _pin = store.pin()?;
     let staged = Staged::new();
-    let assembled = assemble_staged(store, images, options, &staged)?;
+    let blobs = layout::blobs_dir(dir);
+    // Directories created here, deepest first: removed again if assembly fails.
+    let created: Vec<&std::path::Path> = blobs.ancestors().take_while(|d| !d.exists()).collect();
+    // If the layout cannot be created, stage_oci_layout says so below.
+    let copy_to = std::fs::create_dir_all(&blobs).is_ok().then_some(blobs.as_path());
+    let assembled = match assemble_staged(store, images, options, &staged, copy_to) {
+        Ok(assembled) => assembled,
+        Err(e) => {
+            drop(staged);
+            for d in created {
+                let _ = std::fs::remove_dir(d);
+            }
+            return Err(e);
+        }
+    };
     // The images are recorded even when the layout cannot be written.
     let layout = layout::stage_oci_layout(store, dir, &assembled.0, &staged);
     staged.publish()?;
@@ -340,13 +355,15 @@ pub fn assemble_into_layout(
     Ok(assembled)
 }
 
-/// [`assemble`] with everything it writes to the store staged in `staged`.
-/// The caller holds a [`Pin`](crate::store::Pin) until it publishes.
+/// [`assemble`] with everything it writes to the store staged in `staged`,
+/// and the layers it builds also into `copy_to`. The caller holds a
+/// [`Pin`](crate::store::Pin) until it publishes.
 fn assemble_staged(
     store: &Store,
     images: &[ImageSpec],
     options: &AssembleOptions,
     staged: &Staged,
+    copy_to: Option<&std::path::Path>,
 ) -> Result<(Vec<AssembledImage>, AssembleStats)> {
     for image in images {
         RefName::new(&image.name)
@@ -383,7 +400,9 @@ fn assemble_staged(
     // layer and document blobs first, then layer keys and image records.
     let build = || {
         jobs.par_iter()
-            .map(|(id, key)| layer::build_layer(store, key, staged).map(|built| (*id, built)))
+            .map(|(id, key)| {
+                layer::build_layer(store, key, staged, copy_to).map(|built| (*id, built))
+            })
             .collect::<Result<Vec<_>>>()
     };
     let built = match options.threads {

@@ -9,7 +9,9 @@
 //! Invariants:
 //! - Blobs are streamed into a temp file in `ROOT/tmp/` through an [`OciBlobWriter`]
 //!   that hashes and counts as it writes, then fsynced and renamed to their sha256
-//!   name: a name holds complete content or nothing.
+//!   name: a name holds complete content or nothing. The writer may write a copy
+//!   elsewhere at the same time (an OCI layout being written); the copy goes
+//!   through the same steps in its own directory.
 //! - A key file is written (atomically) only after the blob it names is durable
 //!   under its name (a [`Staged`] publication: blobs are its `Content`, keys its
 //!   `Names`), and [`Store::cached_layer`] treats a key whose blob is missing as
@@ -20,10 +22,11 @@
 //!   is always safe.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use sha2::Digest as _;
 
+use super::writeback::Writeback;
 use super::{Existing, IoContext, Result, Staged, Step, Store, StoreError};
 use crate::digest::Digest;
 
@@ -60,39 +63,67 @@ pub(crate) fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Streams one OCI blob into the store, hashing (sha256) and counting as it writes.
+/// Streams one OCI blob into the store (and, if asked, into a copy in another
+/// directory, such as an OCI layout's `blobs/sha256`), hashing (sha256) and
+/// counting as it writes. Large blobs start going to disk while being written
+/// ([`Writeback`]).
 pub struct OciBlobWriter {
-    store: Store,
-    file: io::BufWriter<tempfile::NamedTempFile>,
+    /// The store's temp file first, then the copy.
+    files: Vec<BlobFile>,
     hasher: sha2::Sha256,
     size: u64,
 }
 
+/// One temp file an [`OciBlobWriter`] writes, and the directory it goes to.
+struct BlobFile {
+    file: io::BufWriter<tempfile::NamedTempFile>,
+    dir: PathBuf,
+    writeback: Writeback,
+}
+
 impl Write for OciBlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
+        for f in &mut self.files {
+            f.file.write_all(buf)?;
+            if f.writeback.wrote(buf.len()) {
+                f.file.flush()?;
+                f.writeback.start(f.file.get_ref().as_file());
+            }
+        }
+        self.hasher.update(buf);
+        self.size += buf.len() as u64;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        self.files.iter_mut().try_for_each(|f| f.file.flush())
     }
 }
 
 impl OciBlobWriter {
-    /// Stages the blob to be renamed to its sha256 name (keeping an existing
-    /// copy) when `staged` is published; until then it is not in the store.
+    /// Stages the blob (and its copy) to be renamed to its sha256 name (keeping
+    /// an existing one) when `staged` is published; until then it is not in the
+    /// store.
     pub fn finish(self, staged: &Staged) -> Result<OciBlob> {
         let digest = hex(&self.hasher.finalize());
-        let tmp = self.file.into_inner().map_err(|e| e.into_error());
-        let tmp_dir = self.store.root.join("tmp");
-        let tmp = tmp.ctx("write a temp file in", &tmp_dir)?;
-        let path = self.store.oci_blob_path(&digest);
-        staged.add(Step::Content, tmp, path, Existing::Keep);
+        for f in self.files {
+            let tmp = f.file.into_inner().map_err(|e| e.into_error());
+            let tmp = tmp.ctx("write a temp file in", &f.dir)?;
+            staged.add(Step::Content, tmp, f.dir.join(&digest), Existing::Keep);
+        }
         Ok(OciBlob { digest, size: self.size })
     }
+}
+
+/// A read-only temp file in `tmp_dir`, to become a blob in `dir`.
+fn blob_file(tmp_dir: &Path, dir: PathBuf) -> Result<BlobFile> {
+    let file = tempfile::Builder::new()
+        .prefix(".oci")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
+        .tempfile_in(tmp_dir)
+        .ctx("create a temp file in", tmp_dir)?;
+    let file = io::BufWriter::with_capacity(256 * 1024, file);
+    Ok(BlobFile { file, dir, writeback: Writeback::default() })
 }
 
 impl Store {
@@ -107,21 +138,16 @@ impl Store {
         self.root.join("layers/sha256").join(hex)
     }
 
-    /// A writer for a new OCI blob. Hold a [`Pin`](super::Pin) while writing.
-    pub fn oci_blob_writer(&self) -> Result<OciBlobWriter> {
-        self.layers_dir("sha256")?;
-        let tmp_dir = self.root.join("tmp");
-        let file = tempfile::Builder::new()
-            .prefix(".oci")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
-            .tempfile_in(&tmp_dir)
-            .ctx("create a temp file in", &tmp_dir)?;
-        Ok(OciBlobWriter {
-            store: self.clone(),
-            file: io::BufWriter::with_capacity(256 * 1024, file),
-            hasher: sha2::Sha256::new(),
-            size: 0,
-        })
+    /// A writer for a new OCI blob, which also writes a copy named by its
+    /// sha256 into the existing directory `copy_to`, if given. Hold a
+    /// [`Pin`](super::Pin) while writing.
+    pub fn oci_blob_writer(&self, copy_to: Option<&Path>) -> Result<OciBlobWriter> {
+        let dir = self.layers_dir("sha256")?;
+        let mut files = vec![blob_file(&self.root.join("tmp"), dir)?];
+        if let Some(copy_to) = copy_to {
+            files.push(blob_file(copy_to, copy_to.to_path_buf())?);
+        }
+        Ok(OciBlobWriter { files, hasher: sha2::Sha256::new(), size: 0 })
     }
 
     /// Stores a small OCI blob (JSON) and returns its sha256 and size.
@@ -217,7 +243,7 @@ mod tests {
     fn blob_writer_names_blobs_by_sha256_and_keys_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut w = store.oci_blob_writer().unwrap();
+        let mut w = store.oci_blob_writer(None).unwrap();
         w.write_all(b"abc").unwrap();
         let staged = Staged::new();
         let blob = w.finish(&staged).unwrap();
@@ -226,6 +252,16 @@ mod tests {
         assert_eq!(blob.digest, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(std::fs::read(store.oci_blob_path(&blob.digest)).unwrap(), b"abc");
         assert_eq!(store.put_oci_blob(b"abc").unwrap(), blob);
+
+        // A copy written alongside is published with the blob.
+        let copies = tempfile::tempdir().unwrap();
+        let mut w = store.oci_blob_writer(Some(copies.path())).unwrap();
+        w.write_all(b"abcd").unwrap();
+        let staged = Staged::new();
+        let copied = w.finish(&staged).unwrap();
+        staged.publish().unwrap();
+        assert_eq!(std::fs::read(store.oci_blob_path(&copied.digest)).unwrap(), b"abcd");
+        assert_eq!(std::fs::read(copies.path().join(&copied.digest)).unwrap(), b"abcd");
 
         let key = Digest::of(b"key");
         assert_eq!(store.cached_layer(&key).unwrap(), None);

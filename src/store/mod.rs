@@ -45,6 +45,7 @@ mod maintenance;
 mod refs;
 mod staged;
 pub mod tree;
+mod writeback;
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -90,6 +90,11 @@ impl Staged {
         lock(&self.lenient).push(root);
     }
 
+    /// Whether a file is staged to become `dest`.
+    pub fn is_staged(&self, dest: &Path) -> bool {
+        lock(&self.steps).iter().flat_map(|s| &s.files).any(|f| f.dest == dest)
+    }
+
     /// The content staged to become `dest`, read from its temp file, if any.
     pub fn reopen(&self, dest: &Path) -> Option<std::io::Result<File>> {
         let steps = lock(&self.steps);

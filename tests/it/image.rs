@@ -345,6 +345,40 @@ fn image_layer_tars_are_canonical() {
     }
 }
 
+/// `assemble_into_layout` writes the same layout as `assemble` then
+/// `write_oci_layout` (layers built now are written into it as they are
+/// compressed), and a failed assembly leaves no layout directory behind.
+#[test]
+fn assemble_into_layout_matches_write_oci_layout() {
+    let ctx = TestContext::new();
+    let store = Store::open(&ctx.store()).unwrap();
+    let packages = demo_packages(&store, ctx.root());
+    let layout = ctx.root().join("out/layout");
+    let specs = [spec("demo", &[amd64()], &packages)];
+    let (images, stats) =
+        image::assemble_into_layout(&store, &specs, &AssembleOptions::default(), &layout).unwrap();
+    assert_eq!(stats.layers_built, 2);
+    assert_eq!(image::verify_oci_layout(&layout).unwrap().refs, vec!["demo".to_string()]);
+    let other = ctx.root().join("other");
+    image::write_oci_layout(&store, &other, &images).unwrap();
+    assert_eq!(read_all(&layout), read_all(&other));
+    // Layers from the cache are copied from the store.
+    let again = ctx.root().join("again");
+    let (_, stats) =
+        image::assemble_into_layout(&store, &specs, &AssembleOptions::default(), &again).unwrap();
+    assert_eq!(stats.layers_cached, 2);
+    assert_eq!(read_all(&again), read_all(&other));
+
+    let a = package(&store, ctx.root(), "alpha", &[("etc/app.conf", "one", 0o644)]);
+    let b = package(&store, ctx.root(), "beta", &[("etc/app.conf", "two", 0o644)]);
+    let missing = ctx.root().join("missing/layout");
+    let bad = [spec("bad", &[amd64()], &[a, b])];
+    let err = image::assemble_into_layout(&store, &bad, &AssembleOptions::default(), &missing)
+        .unwrap_err();
+    assert!(matches!(err, ImageError::Conflict { .. }), "{err:?}");
+    assert!(!ctx.root().join("missing").exists());
+}
+
 #[test]
 fn image_conflicting_paths_name_both_packages() {
     let ctx = TestContext::new();
