@@ -325,9 +325,23 @@ impl Store {
     }
 
     fn read_object(&self, kind: ObjectKind, digest: &Digest) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.read_object_into(kind, digest, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads an object's stored bytes into `bytes`, replacing its content.
+    fn read_object_into(
+        &self,
+        kind: ObjectKind,
+        digest: &Digest,
+        bytes: &mut Vec<u8>,
+    ) -> Result<()> {
         let path = self.object_path(kind, digest);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(bytes),
+        bytes.clear();
+        let read = File::open(&path).and_then(|mut f| f.read_to_end(bytes));
+        match read {
+            Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Err(StoreError::Missing { kind, digest: *digest })
             }
@@ -344,6 +358,8 @@ impl Store {
             store: self.clone(),
             chunks: file.chunks().to_vec(),
             next: 0,
+            stored: Vec::new(),
+            decoder: blob::Decoder::default(),
             buf: Vec::new(),
             pos: 0,
         }
@@ -403,11 +419,16 @@ pub(crate) fn sync_all_together(files: &[&File]) -> std::result::Result<(), (usi
     Ok(())
 }
 
-/// Reads a stored file's content; see [`Store::open_file`].
+/// Reads a stored file's content; see [`Store::open_file`]. Its buffers and
+/// zstd context serve every chunk of the file.
 pub struct FileReader {
     store: Store,
     chunks: Vec<Chunk>,
     next: usize,
+    /// The current chunk's stored (encoded) bytes.
+    stored: Vec<u8>,
+    decoder: blob::Decoder,
+    /// The current chunk, verified.
     buf: Vec<u8>,
     pos: usize,
 }
@@ -416,8 +437,17 @@ impl Read for FileReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.buf.len() {
             let Some(chunk) = self.chunks.get(self.next) else { return Ok(0) };
-            self.buf = self.store.read_blob(&chunk.digest).map_err(io::Error::other)?;
+            let digest = chunk.digest;
+            // Empty until verified: after an error, the next read tries again.
+            self.buf.clear();
             self.pos = 0;
+            self.store
+                .read_object_into(ObjectKind::Blob, &digest, &mut self.stored)
+                .and_then(|()| {
+                    blob::decode_into(&self.stored, &digest, &mut self.decoder, &mut self.buf)
+                        .map_err(|source| StoreError::CorruptBlob { digest, source })
+                })
+                .map_err(io::Error::other)?;
             self.next += 1;
         }
         let n = out.len().min(self.buf.len() - self.pos);
