@@ -16,6 +16,11 @@
 //!   under its name (a [`Staged`] publication: blobs are its `Content`, keys its
 //!   `Names`), and [`Store::cached_layer`] treats a key whose blob is missing as
 //!   absent, so deleting `ROOT/layers/` at any time only costs rebuilding layers.
+//! - Key files are not fsynced ([`Staged::add_unsynced`]): after a power loss
+//!   one may be missing, empty or torn, and [`Store::cached_layer`] treats a key
+//!   that does not decode as absent too, so the layer is rebuilt and the key
+//!   rewritten. A key that decodes is true, since it was written after its blob
+//!   was durable.
 //! - The store does not interpret keys: the image module hashes everything that
 //!   changes a layer's bytes (tree, compression, ownership, mtime, format) into one.
 //! - `gc` does not sweep this directory (it is a cache, not a root); removing it
@@ -27,7 +32,7 @@ use std::path::{Path, PathBuf};
 use sha2::Digest as _;
 
 use super::writeback::Writeback;
-use super::{Existing, IoContext, Result, Staged, Step, Store, StoreError};
+use super::{Existing, IoContext, Result, Staged, Step, Store};
 use crate::digest::Digest;
 
 /// What the cache holds for one layer key.
@@ -66,7 +71,7 @@ pub(crate) fn is_sha256_hex(s: &str) -> bool {
 /// Streams one OCI blob into the store (and, if asked, into a copy in another
 /// directory, such as an OCI layout's `blobs/sha256`), hashing (sha256) and
 /// counting as it writes. Large blobs start going to disk while being written
-/// ([`Writeback`]).
+/// (`store::writeback`).
 pub struct OciBlobWriter {
     /// The store's temp file first, then the copy.
     files: Vec<BlobFile>,
@@ -197,10 +202,10 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).ctx("read", &path),
         };
-        let layer: CachedLayer = serde_json::from_slice(&bytes)
-            .map_err(|e| StoreError::CorruptRef { path: path.clone(), reason: e.to_string() })?;
+        // Keys are not fsynced: one torn by a power loss is a miss (module docs).
+        let Ok(layer) = serde_json::from_slice::<CachedLayer>(&bytes) else { return Ok(None) };
         if !is_sha256_hex(&layer.digest) || !is_sha256_hex(&layer.diff_id) {
-            return Err(StoreError::CorruptRef { path, reason: "not a sha256 digest".into() });
+            return Ok(None);
         }
         let blob = self.oci_blob_path(&layer.digest);
         match std::fs::metadata(&blob) {
@@ -218,8 +223,9 @@ impl Store {
         staged.publish()
     }
 
-    /// Stages the record that the layer for `key` is `layer` (as `Names`): its
-    /// blob must be stored or staged in the same publication.
+    /// Stages the record that the layer for `key` is `layer` (as `Names`, not
+    /// fsynced: see the module docs): its blob must be stored or staged in the
+    /// same publication.
     pub fn stage_cached_layer(
         &self,
         key: &Digest,
@@ -230,7 +236,7 @@ impl Store {
         let mut bytes = serde_json::to_vec(layer).expect("layer records serialize");
         bytes.push(b'\n');
         let tmp = self.temp_file(&[&bytes], 0o644)?;
-        staged.add(Step::Names, tmp, dir.join(key.to_hex()), Existing::Replace);
+        staged.add_unsynced(Step::Names, tmp, dir.join(key.to_hex()));
         Ok(())
     }
 }
@@ -268,7 +274,16 @@ mod tests {
         let layer = CachedLayer { digest: blob.digest.clone(), diff_id: blob.digest, size: 3 };
         store.set_cached_layer(&key, &layer).unwrap();
         assert_eq!(store.cached_layer(&key).unwrap(), Some(layer.clone()));
-        // A key whose blob vanished is a miss, not an error.
+        // A key torn by a power loss (keys are not fsynced) is a miss, not an error.
+        let key_file = store.root().join("layers/keys").join(key.to_hex());
+        let whole = std::fs::read(&key_file).unwrap();
+        for torn in [&b""[..], b"\0\0\0\0", &whole[..whole.len() / 2]] {
+            std::fs::write(&key_file, torn).unwrap();
+            assert_eq!(store.cached_layer(&key).unwrap(), None);
+        }
+        std::fs::write(&key_file, whole).unwrap();
+        assert_eq!(store.cached_layer(&key).unwrap(), Some(layer.clone()));
+        // So is a key whose blob vanished.
         std::fs::remove_file(store.oci_blob_path(&layer.digest)).unwrap();
         assert_eq!(store.cached_layer(&key).unwrap(), None);
     }

@@ -21,7 +21,9 @@
 //! - Every file is durable before anything that names it is written. Refs,
 //!   image records, layers and objects written outside ingest get an fsync of
 //!   the file before the rename and of the directory after it (several at once
-//!   through a [`Staged`] publication, which keeps that order). Ingest writes its
+//!   through a [`Staged`] publication, which keeps that order); the one
+//!   exception is the layer cache's key files, which name nothing that is not
+//!   durable yet and whose loss only costs a rebuild (see `store::layers`). Ingest writes its
 //!   blobs and trees without either and makes them durable in one batch (a
 //!   `syncfs`) before it returns the digest, under a marker that lets the next
 //!   [`Store::open`] find and repair what a power loss mid-ingest left torn: see

@@ -1,13 +1,19 @@
 //! Publishing several files durably while waiting for the disk only three times.
 //!
 //! Each file is first written in full to a temp file on its destination's
-//! filesystem and handed to a [`Staged`] with its final name and a [`Step`].
-//! [`Staged::publish`] then
+//! filesystem and handed to a [`Staged`] with its final name and a [`Step`];
+//! its fsync starts then, on a thread of its own, so files staged early (the
+//! first layers of an image) are synced while later ones are still being
+//! made. [`Staged::publish`] then
 //!
-//! 1. fsyncs every temp file at once ([`sync_all_together`]);
+//! 1. waits for every temp file's fsync;
 //! 2. renames the [`Step::Content`] files to their names and fsyncs their
 //!    directories (and any extra ones given) at once;
 //! 3. does the same for the [`Step::Names`] files.
+//!
+//! A file staged with [`Staged::add_unsynced`] (a cache's index entry) is
+//! renamed in its step, but neither it nor its directory is fsynced: after a
+//! power loss it may be missing or torn, which its readers treat as absent.
 //!
 //! Invariants: a name appears only with complete content (rename of a synced
 //! temp file), and a `Names` file (a layer key, an image record, `index.json`)
@@ -23,8 +29,10 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::thread::JoinHandle;
 
 use super::{IoContext, Result, sync_all_together};
 
@@ -50,6 +58,24 @@ struct StagedFile {
     tmp: tempfile::NamedTempFile,
     dest: PathBuf,
     existing: Existing,
+    sync: Syncing,
+}
+
+/// How a staged file is made durable.
+enum Syncing {
+    /// Its fsync, running since it was staged; `None` if no thread could be
+    /// started for it, so [`Staged::publish`] syncs it.
+    Started(Option<JoinHandle<io::Result<()>>>),
+    /// Never: see [`Staged::add_unsynced`].
+    Never,
+}
+
+/// Starts fsyncing `tmp` on a thread of its own.
+fn start_sync(tmp: &tempfile::NamedTempFile) -> Syncing {
+    let handle = tmp.as_file().try_clone().ok().and_then(|file| {
+        std::thread::Builder::new().name("pkg-fsync".into()).spawn(move || file.sync_all()).ok()
+    });
+    Syncing::Started(handle)
 }
 
 #[derive(Default)]
@@ -73,9 +99,21 @@ impl Staged {
         Staged::default()
     }
 
-    /// Stages the fully written temp file `tmp` to become `dest` in `step`.
+    /// Stages the fully written temp file `tmp` to become `dest` in `step`,
+    /// and starts its fsync.
     pub fn add(&self, step: Step, tmp: tempfile::NamedTempFile, dest: PathBuf, existing: Existing) {
-        lock(&self.steps)[step as usize].files.push(StagedFile { tmp, dest, existing });
+        let sync = start_sync(&tmp);
+        lock(&self.steps)[step as usize].files.push(StagedFile { tmp, dest, existing, sync });
+    }
+
+    /// Stages `tmp` to replace `dest` in `step` without ever fsyncing it or
+    /// its directory: for a file whose loss or tearing by a power failure only
+    /// costs work, because its readers treat a missing or undecodable one as
+    /// absent (a layer cache key). Other processes still see it whole or not
+    /// at all, and only after the `Content` files it may name are durable.
+    pub fn add_unsynced(&self, step: Step, tmp: tempfile::NamedTempFile, dest: PathBuf) {
+        let file = StagedFile { tmp, dest, existing: Existing::Replace, sync: Syncing::Never };
+        lock(&self.steps)[step as usize].files.push(file);
     }
 
     /// Also fsyncs `dir` in `step` (e.g. the parent of a directory just created).
@@ -105,12 +143,33 @@ impl Staged {
 
     /// Makes every staged file durable under its name, in step order.
     pub fn publish(self) -> Result<()> {
-        let steps = self.steps.into_inner().unwrap_or_else(|e| e.into_inner());
+        // Wait for every fsync (all of them, even after a failure, so none
+        // outlives the publication), then sync what got no thread.
+        let mut steps = self.steps.into_inner().unwrap_or_else(|e| e.into_inner());
         let lenient = self.lenient.into_inner().unwrap_or_else(|e| e.into_inner());
-        let all: Vec<&StagedFile> = steps.iter().flat_map(|s| &s.files).collect();
-        let files: Vec<&File> = all.iter().map(|f| f.tmp.as_file()).collect();
+        let mut failed = None;
+        let mut unstarted = Vec::new();
+        for file in steps.iter_mut().flat_map(|s| &mut s.files) {
+            let Syncing::Started(handle) = &mut file.sync else { continue };
+            let synced = match handle.take() {
+                Some(handle) => handle
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("an fsync thread panicked"))),
+                None => {
+                    unstarted.push(&file.tmp);
+                    Ok(())
+                }
+            };
+            if let (None, Err(e)) = (&failed, synced) {
+                failed = Some((e, file.tmp.path().to_path_buf()));
+            }
+        }
+        if let Some((e, path)) = failed {
+            return Err(e).ctx("sync", &path);
+        }
+        let files: Vec<&File> = unstarted.iter().map(|t| t.as_file()).collect();
         if let Err((i, e)) = sync_all_together(&files) {
-            return Err(e).ctx("sync", all[i].tmp.path());
+            return Err(e).ctx("sync", unstarted[i].path());
         }
         for step in steps {
             let mut dirs = step.dirs;
@@ -120,7 +179,7 @@ impl Staged {
                 }
                 let dest = file.dest;
                 file.tmp.persist(&dest).map_err(|e| e.error).ctx("rename a temp file to", &dest)?;
-                if let Some(parent) = dest.parent() {
+                if let (Syncing::Started(_), Some(parent)) = (file.sync, dest.parent()) {
                     dirs.insert(parent.to_path_buf());
                 }
             }
@@ -217,6 +276,17 @@ mod tests {
         staged.sync_dir(Step::Content, gone.clone());
         staged.lenient_dirs_under(dir.path().to_path_buf());
         staged.publish().unwrap();
+    }
+
+    #[test]
+    fn unsynced_files_are_published_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, b"old").unwrap();
+        let staged = Staged::new();
+        staged.add_unsynced(Step::Names, temp_with(dir.path(), b"new"), key.clone());
+        staged.publish().unwrap();
+        assert_eq!(std::fs::read(&key).unwrap(), b"new");
     }
 
     #[test]
