@@ -35,7 +35,9 @@ work=$(mktemp -d /tmp/pkg-image-bench.XXXXXX)
 buildah=(buildah --root "$work/buildah/root" --runroot "$work/buildah/run" --storage-driver vfs)
 cleanup() {
     "${buildah[@]}" rm --all >/dev/null 2>&1 || true
-    chmod -R u+w "$work" 2>/dev/null || true
+    # Directories only: the checkouts' files are hard links into the store's
+    # cache of checked-out files, whose modes are part of their names.
+    find "$work" -type d ! -perm -u+w -exec chmod u+w {} + 2>/dev/null || true
     rm -rf "$work" 2>/dev/null || true
 }
 trap cleanup EXIT

@@ -117,10 +117,7 @@ pub fn run(args: BuildArgs, settings: &Settings) -> miette::Result<ExitCode> {
     if !settings.quiet {
         eprintln!("{}", summary(&report, args.check));
     }
-    let images = assemble(&recipe, &graph, &store, &report, jobs, settings)?;
-    if let Some(output) = &args.output {
-        super::images::write_images(&store, output, &images, settings)?;
-    }
+    assemble(&recipe, &graph, &store, &report, jobs, args.output.as_ref(), settings)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -140,7 +137,7 @@ pub(crate) fn build_images(
         check: false,
     };
     let report = build(&recipe, &graph, &store, options, settings)?;
-    let images = assemble(&recipe, &graph, &store, &report, settings.cores(), settings)?;
+    let images = assemble(&recipe, &graph, &store, &report, settings.cores(), None, settings)?;
     Ok((store, images))
 }
 
@@ -160,14 +157,15 @@ fn build(
     result.into_diagnostic()
 }
 
-/// Assembles the planned images from the build's outputs and records them
-/// in the store under their names.
+/// Assembles the planned images from the build's outputs, records them in the
+/// store under their names and writes them to `output`, if any.
 fn assemble(
     recipe: &Recipe,
     graph: &crate::graph::BuildGraph,
     store: &Store,
     report: &BuildReport,
     jobs: usize,
+    output: Option<&super::images::Output>,
     settings: &Settings,
 ) -> miette::Result<Vec<AssembledImage>> {
     let outputs: std::collections::HashMap<crate::graph::NodeId, crate::digest::Digest> =
@@ -176,7 +174,7 @@ fn assemble(
     let specs =
         crate::image::specs_from_graph(recipe, graph, &outputs, created).into_diagnostic()?;
     let options = crate::image::AssembleOptions { threads: jobs, ..Default::default() };
-    let (images, _) = crate::image::assemble(store, &specs, &options).into_diagnostic()?;
+    let images = super::images::assemble_and_write(store, &specs, &options, output, settings)?;
     if !settings.quiet {
         for image in &images {
             eprintln!("image {} sha256:{}", image.name, image.top.digest);

@@ -165,10 +165,7 @@ pub fn assemble(args: AssembleArgs, settings: &Settings) -> miette::Result<ExitC
     let options =
         AssembleOptions { max_layers: args.max_layers, threads: args.jobs, ..Default::default() };
     let store = open_store(settings)?;
-    let (images, _) = crate::image::assemble(&store, &[spec], &options).into_diagnostic()?;
-    if let Some(output) = &output {
-        write_images(&store, output, &images, settings)?;
-    }
+    let images = assemble_and_write(&store, &[spec], &options, output.as_ref(), settings)?;
     let image = &images[0];
     super::write_stdout(format!("sha256:{}\n", image.top.digest).as_bytes())
 }
@@ -182,6 +179,29 @@ pub(crate) fn source_date_epoch() -> miette::Result<i64> {
             .map_err(|_| miette::miette!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
         Err(_) => Ok(0),
     }
+}
+
+/// Assembles `specs` (recording them in the store), then writes them where
+/// `output` says: a layout is written in the same publication as the store's
+/// files, so their fsyncs overlap.
+pub(crate) fn assemble_and_write(
+    store: &Store,
+    specs: &[crate::image::ImageSpec],
+    options: &crate::image::AssembleOptions,
+    output: Option<&Output>,
+    settings: &Settings,
+) -> miette::Result<Vec<crate::image::AssembledImage>> {
+    let (images, _) = match output {
+        Some(Output::Layout(dir)) => {
+            crate::image::assemble_into_layout(store, specs, options, &settings.cwd.join(dir))
+        }
+        _ => crate::image::assemble(store, specs, options),
+    }
+    .into_diagnostic()?;
+    if let Some(output @ Output::Archive(_)) = output {
+        write_images(store, output, &images, settings)?;
+    }
+    Ok(images)
 }
 
 /// Writes assembled images where `output` says.

@@ -1,21 +1,36 @@
-//! Parallel, deterministic gzip (the pigz idea, without shared dictionaries).
+//! Parallel, deterministic gzip: one gzip member per fixed-size block.
 //!
-//! The input is cut into fixed [`BLOCK`]-byte blocks at fixed offsets. Each block
-//! is compressed on its own into raw deflate by miniz_oxide (through flate2,
-//! versions pinned in Cargo.toml) at a fixed level; every block but the last ends
-//! with a sync flush (an empty stored block, so it ends on a byte boundary and
-//! carries no BFINAL bit), the last with BFINAL. Their concatenation is one valid
-//! deflate stream, wrapped in a single gzip member (header mtime 0, XFL 0, OS 255;
-//! trailer CRC-32 and length of the whole input).
+//! The input is cut into [`BLOCK`]-byte blocks at fixed offsets (the last one
+//! shorter). Each block becomes one complete gzip member made by libdeflate
+//! (`libdeflate_gzip_compress`, through the libdeflater crate; both pinned with
+//! `=` in Cargo.toml) at a fixed level: header with mtime 0, XFL 4 at level 1,
+//! OS 255; the block's raw deflate; CRC-32 and length of the block. The members
+//! are concatenated in input order. An empty input gives one empty member, so
+//! the output is always a gzip file.
+//!
+//! A gzip file may hold several members (RFC 1952, section 2.2), and every
+//! reader layers meet reads them all: GNU gzip, Go's `compress/gzip` and
+//! `klauspost/pgzip` (containerd, Docker, podman, skopeo, umoci), Python's
+//! `gzip`, zlib's `gzread`; eStargz layers are built the same way. In Rust, use
+//! flate2's `MultiGzDecoder`: `GzDecoder` stops after the first member.
+//!
+//! Why members rather than one deflate stream: libdeflate compresses whole
+//! buffers and cannot end one with a sync flush, and its level 1 is faster than
+//! miniz_oxide's level 1 with smaller output (on the hello-go layer, 4.3 MiB of
+//! mostly Go executable: 27 vs 37 ms on one core, 2.06 vs 2.27 MB). Blocks
+//! shared no dictionary before either, so cutting costs 18 bytes per member
+//! and a restarted window: 0.3% of the size at 256 KiB against 1 MiB blocks.
 //!
 //! Invariant: the output is a pure function of the input bytes and the level.
 //! Block boundaries never depend on how `write` is called or on the number of
-//! threads, and blocks are written in input order; only *where* a block is
-//! compressed varies. Compressor threads (one per core, started as blocks
-//! arrive) each take the next full block from a shared queue as soon as they are
-//! free, and a writer thread puts the results back in order, so compression
-//! overlaps with producing the tar and keeps every core busy. At most
-//! [`WINDOW`] blocks are in flight at once.
+//! threads, and members are written in input order; only *where* a block is
+//! compressed varies. libdeflate's output does not depend on the CPU (only its
+//! CRC-32 and table initialisation have vector code paths, which compute the
+//! same values). Compressor threads (one per core, started as blocks arrive)
+//! each take the next full block from a shared queue as soon as they are free,
+//! and a writer thread puts the results back in order, so compression overlaps
+//! with producing the tar and keeps every core busy. At most [`WINDOW`] blocks
+//! are in flight at once; their buffers are reused rather than freed.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -23,17 +38,14 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use flate2::{Compress, FlushCompress, Status};
-
-/// Bytes per independently compressed block. Costs well under 1% of ratio
-/// against one stream (each block restarts with an empty window).
-pub const BLOCK: usize = 1024 * 1024;
+/// Bytes per gzip member. Small enough that a few-MiB layer spreads over every
+/// core and the last block's compression (which nothing overlaps) is short;
+/// large enough that the per-member cost stays well under 1% of the size.
+pub const BLOCK: usize = 256 * 1024;
 
 /// Most blocks in flight (queued, being compressed, or compressed and waiting
 /// for an earlier one): bounds memory to about 2 × WINDOW × BLOCK.
-const WINDOW: usize = 16;
-
-const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+const WINDOW: usize = 32;
 
 /// A block for the compressor threads.
 struct Job {
@@ -42,11 +54,40 @@ struct Job {
     last: bool,
 }
 
-/// A compressed block for the writer thread.
-struct Deflated {
+/// A compressed block for the writer thread, with its input buffer to reuse.
+struct Compressed {
     index: usize,
     last: bool,
-    bytes: io::Result<Vec<u8>>,
+    member: io::Result<Vec<u8>>,
+    input: Vec<u8>,
+}
+
+/// Buffers of finished blocks, kept for the next ones: fresh allocations of
+/// this size are fresh pages, each a page fault when first written.
+#[derive(Default)]
+struct Buffers(Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    /// An empty buffer with room for at least `capacity` bytes.
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        let reused = self.0.lock().ok().and_then(|mut free| free.pop());
+        match reused {
+            Some(mut buf) => {
+                buf.clear();
+                buf.reserve(capacity);
+                buf
+            }
+            None => Vec::with_capacity(capacity),
+        }
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut free) = self.0.lock()
+            && free.len() < 2 * WINDOW
+        {
+            free.push(buf);
+        }
+    }
 }
 
 /// A gzip writer that compresses blocks in parallel on threads of its own
@@ -57,15 +98,15 @@ struct Deflated {
 /// same workers would never finish.
 pub struct GzWriter<W: Write + Send + 'static> {
     current: Vec<u8>,
-    crc: crc32fast::Hasher,
-    /// Input bytes so far, modulo 2^32 (the gzip trailer's ISIZE).
-    len: u32,
-    level: u32,
+    level: libdeflater::CompressionLvl,
     /// Blocks handed to the compressors so far.
     sent: usize,
+    /// Blocks the writer has written so far (credits received).
+    written: usize,
+    buffers: Arc<Buffers>,
     jobs: Option<Sender<Job>>,
     queue: Arc<Mutex<Receiver<Job>>>,
-    deflated: Option<Sender<Deflated>>,
+    compressed: Option<Sender<Compressed>>,
     /// One message per block the writer has written: room for one more in flight.
     credits: Receiver<()>,
     compressors: Vec<JoinHandle<()>>,
@@ -79,71 +120,98 @@ fn compressor_threads() -> usize {
 }
 
 impl<W: Write + Send + 'static> GzWriter<W> {
-    pub fn new(inner: W, level: u32) -> Self {
+    /// A writer compressing at libdeflate `level` (0–12).
+    pub fn new(inner: W, level: i32) -> io::Result<Self> {
+        let level = libdeflater::CompressionLvl::new(level)
+            .map_err(|_| io::Error::other(format!("no gzip level {level}")))?;
         let (jobs, queue) = mpsc::channel::<Job>();
-        let (deflated, results) = mpsc::channel::<Deflated>();
+        let (compressed, results) = mpsc::channel::<Compressed>();
         let (credit, credits) = mpsc::channel::<()>();
-        let writer = std::thread::spawn(move || write_in_order(inner, results, credit));
-        GzWriter {
+        let buffers = Arc::new(Buffers::default());
+        let writer = {
+            let buffers = buffers.clone();
+            std::thread::spawn(move || write_in_order(inner, results, credit, &buffers))
+        };
+        Ok(GzWriter {
             current: Vec::with_capacity(BLOCK),
-            crc: crc32fast::Hasher::new(),
-            len: 0,
             level,
             sent: 0,
+            written: 0,
+            buffers,
             jobs: Some(jobs),
             queue: Arc::new(Mutex::new(queue)),
-            deflated: Some(deflated),
+            compressed: Some(compressed),
             credits,
             compressors: Vec::new(),
             writer: Some(writer),
-        }
+        })
     }
 
     fn send(&mut self, data: Vec<u8>, last: bool) -> io::Result<()> {
         // Start compressors as blocks arrive, so a small layer starts only one.
         if self.compressors.len() < compressor_threads().min(self.sent + 1)
-            && let Some(deflated) = &self.deflated
+            && let Some(compressed) = &self.compressed
         {
-            let (queue, deflated, level) = (self.queue.clone(), deflated.clone(), self.level);
-            self.compressors.push(std::thread::spawn(move || compress(&queue, &deflated, level)));
+            let (queue, compressed) = (self.queue.clone(), compressed.clone());
+            let (buffers, level) = (self.buffers.clone(), self.level);
+            self.compressors.push(std::thread::spawn(move || {
+                compress(&queue, &compressed, &buffers, level);
+            }));
         }
-        let room = self.sent < WINDOW || self.credits.recv().is_ok();
+        while self.sent - self.written >= WINDOW {
+            if self.credits.recv().is_err() {
+                return Err(self.writer_failed());
+            }
+            self.written += 1;
+        }
         let job = Job { index: self.sent, data, last };
-        if room && self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok()) {
+        if self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok()) {
             self.sent += 1;
-            return Ok(());
-        }
-        // The writer stopped early: surface its error.
-        self.jobs = None;
-        self.deflated = None;
-        match self.writer.take().map(|w| w.join()) {
-            Some(Ok(Err(e))) => Err(e),
-            _ => Err(io::Error::other("the gzip writer thread stopped")),
+            Ok(())
+        } else {
+            Err(self.writer_failed())
         }
     }
 
-    /// Compresses the rest, writes the trailer and returns the inner writer.
+    /// The writer stopped early: its error.
+    fn writer_failed(&mut self) -> io::Error {
+        self.jobs = None;
+        self.compressed = None;
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(Err(e))) => e,
+            _ => io::Error::other("the gzip writer thread stopped"),
+        }
+    }
+
+    /// Compresses the rest and returns the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
+        // After a last full block, this is empty and only marks the end.
         let last = std::mem::take(&mut self.current);
         self.send(last, true)?;
         // The compressors stop once the queue is empty.
         self.jobs = None;
-        self.deflated = None;
-        let writer = self.writer.take().expect("finish runs once");
-        let mut inner =
-            writer.join().map_err(|_| io::Error::other("the gzip writer panicked"))??;
+        self.compressed = None;
+        let Some(writer) = self.writer.take() else {
+            return Err(io::Error::other("the gzip writer thread stopped"));
+        };
+        let inner = writer.join().map_err(|_| io::Error::other("the gzip writer panicked"))??;
         for compressor in self.compressors.drain(..) {
             compressor.join().map_err(|_| io::Error::other("a gzip compressor panicked"))?;
         }
-        inner.write_all(&std::mem::take(&mut self.crc).finalize().to_le_bytes())?;
-        inner.write_all(&self.len.to_le_bytes())?;
         Ok(inner)
     }
 }
 
 /// A compressor thread: takes the next block from the shared queue, compresses
-/// it and hands it to the writer, until the queue closes or the writer stops.
-fn compress(queue: &Mutex<Receiver<Job>>, deflated: &Sender<Deflated>, level: u32) {
+/// it into one gzip member and hands it to the writer, until the queue closes
+/// or the writer stops.
+fn compress(
+    queue: &Mutex<Receiver<Job>>,
+    compressed: &Sender<Compressed>,
+    buffers: &Buffers,
+    level: libdeflater::CompressionLvl,
+) {
+    let mut compressor = libdeflater::Compressor::new(level);
     loop {
         // The lock is held only while waiting for one job.
         let job = match queue.lock() {
@@ -151,23 +219,45 @@ fn compress(queue: &Mutex<Receiver<Job>>, deflated: &Sender<Deflated>, level: u3
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        let bytes = deflate_block(&job.data, level, job.last);
-        drop(job.data);
-        if deflated.send(Deflated { index: job.index, last: job.last, bytes }).is_err() {
+        let member = if job.data.is_empty() && job.index > 0 {
+            // Only marks the end after a last full block: no member of its own.
+            Ok(Vec::new())
+        } else {
+            gzip_member(&mut compressor, &job.data, buffers)
+        };
+        let (index, last, input) = (job.index, job.last, job.data);
+        if compressed.send(Compressed { index, last, member, input }).is_err() {
             return;
         }
     }
 }
 
-/// The writer thread: header, then the blocks in input order, returning one
-/// credit per block written.
+/// One complete gzip member of `block`.
+fn gzip_member(
+    compressor: &mut libdeflater::Compressor,
+    block: &[u8],
+    buffers: &Buffers,
+) -> io::Result<Vec<u8>> {
+    let bound = compressor.gzip_compress_bound(block.len());
+    let mut out = buffers.take(bound);
+    out.resize(bound, 0);
+    // The bound always suffices, so libdeflate never reports a short buffer.
+    let len = compressor
+        .gzip_compress(block, &mut out)
+        .map_err(|e| io::Error::other(format!("libdeflate: {e}")))?;
+    out.truncate(len);
+    Ok(out)
+}
+
+/// The writer thread: the members in input order, returning one credit per
+/// block written and its buffers for reuse.
 fn write_in_order<W: Write>(
     mut inner: W,
-    results: Receiver<Deflated>,
+    results: Receiver<Compressed>,
     credit: Sender<()>,
+    buffers: &Buffers,
 ) -> io::Result<W> {
-    inner.write_all(&HEADER)?;
-    let mut waiting: BTreeMap<usize, Deflated> = BTreeMap::new();
+    let mut waiting: BTreeMap<usize, Compressed> = BTreeMap::new();
     let mut next = 0;
     loop {
         let Ok(block) = results.recv() else {
@@ -175,7 +265,10 @@ fn write_in_order<W: Write>(
         };
         waiting.insert(block.index, block);
         while let Some(block) = waiting.remove(&next) {
-            inner.write_all(&block.bytes?)?;
+            let member = block.member?;
+            inner.write_all(&member)?;
+            buffers.give(member);
+            buffers.give(block.input);
             if block.last {
                 return Ok(inner);
             }
@@ -190,10 +283,9 @@ impl<W: Write + Send + 'static> Write for GzWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = buf.len().min(BLOCK - self.current.len());
         self.current.extend_from_slice(&buf[..n]);
-        self.crc.update(&buf[..n]);
-        self.len = self.len.wrapping_add(n as u32);
         if self.current.len() == BLOCK {
-            let full = std::mem::replace(&mut self.current, Vec::with_capacity(BLOCK));
+            let next = self.buffers.take(BLOCK);
+            let full = std::mem::replace(&mut self.current, next);
             self.send(full, false)?;
         }
         Ok(n)
@@ -205,28 +297,6 @@ impl<W: Write + Send + 'static> Write for GzWriter<W> {
     }
 }
 
-/// Raw deflate of one block: sync-flushed, or finished when `last`.
-fn deflate_block(block: &[u8], level: u32, last: bool) -> io::Result<Vec<u8>> {
-    let mut compress = Compress::new(flate2::Compression::new(level), false);
-    let mut out = Vec::with_capacity(block.len() / 2 + 1024);
-    let flush = if last { FlushCompress::Finish } else { FlushCompress::Sync };
-    loop {
-        let consumed = compress.total_in() as usize;
-        if out.capacity() - out.len() < 1024 {
-            out.reserve(out.capacity().max(64 * 1024));
-        }
-        let status = compress.compress_vec(&block[consumed..], &mut out, flush)?;
-        let done_input = compress.total_in() as usize == block.len();
-        match status {
-            Status::StreamEnd => return Ok(out),
-            // Like zlib: a flush is complete once all input is taken and the
-            // output buffer was not filled.
-            _ if !last && done_input && out.len() < out.capacity() => return Ok(out),
-            _ => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Read;
@@ -234,7 +304,7 @@ mod tests {
     use super::*;
 
     fn gzip(data: &[u8], chunk: usize) -> Vec<u8> {
-        let mut w = GzWriter::new(Vec::new(), 1);
+        let mut w = GzWriter::new(Vec::new(), 1).unwrap();
         for piece in data.chunks(chunk.max(1)) {
             w.write_all(piece).unwrap();
         }
@@ -243,7 +313,7 @@ mod tests {
 
     fn gunzip(data: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(data).read_to_end(&mut out).unwrap();
+        flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out).unwrap();
         out
     }
 
@@ -257,16 +327,47 @@ mod tests {
         out
     }
 
+    /// How many members a gzip file holds, decoding each alone.
+    fn members(gz: &[u8]) -> usize {
+        let mut count = 0;
+        let mut rest = gz;
+        while !rest.is_empty() {
+            let mut decoder = flate2::bufread::GzDecoder::new(rest);
+            io::copy(&mut decoder, &mut io::sink()).unwrap();
+            rest = decoder.into_inner();
+            count += 1;
+        }
+        count
+    }
+
     #[test]
     fn round_trips_and_does_not_depend_on_write_sizes_or_threads() {
         for len in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, (WINDOW + 2) * BLOCK + 5] {
             let data = sample(len);
             let one = gzip(&data, usize::MAX);
             assert_eq!(gunzip(&one), data, "len {len}");
+            assert_eq!(members(&one), len.div_ceil(BLOCK).max(1), "len {len}");
             assert_eq!(gzip(&data, 4097), one, "len {len}");
             let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
             assert_eq!(pool.install(|| gzip(&data, 65_536)), one, "len {len}");
         }
+    }
+
+    /// Each member is what libdeflate makes of its block alone, at fixed offsets.
+    #[test]
+    fn members_are_libdeflate_gzip_of_each_block() {
+        let data = sample(2 * BLOCK + 3);
+        let mut compressor =
+            libdeflater::Compressor::new(libdeflater::CompressionLvl::new(1).unwrap());
+        let mut expected = Vec::new();
+        for block in data.chunks(BLOCK) {
+            let mut out = vec![0; compressor.gzip_compress_bound(block.len())];
+            let n = compressor.gzip_compress(block, &mut out).unwrap();
+            expected.extend_from_slice(&out[..n]);
+        }
+        assert_eq!(gzip(&data, 1000), expected);
+        // mtime 0, XFL 4 (fastest), OS 255 (unknown).
+        assert_eq!(expected[..10], [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 255]);
     }
 
     /// Producers on every rayon worker, each blocking on a full queue, must not

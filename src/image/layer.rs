@@ -9,9 +9,10 @@
 //!   children), have no root entry, mtime = the image's `created`, uid/gid from
 //!   [`Ownership`], empty user and group names, no atime/ctime, and GNU headers
 //!   (GNU long-name records for paths over 100 bytes): one format for every layer.
-//! - gzip: [`super::gzip`]: fixed 1 MiB blocks compressed in parallel by flate2's
-//!   pure-Rust miniz_oxide backend (versions pinned with `=` in Cargo.toml) at
-//!   level [`GZIP_LEVEL`], one gzip member with header mtime 0 and OS byte 255;
+//! - gzip: [`super::gzip`]: fixed 256 KiB blocks, each compressed (in
+//!   parallel) into one gzip member by libdeflate 1.26 (the libdeflater and
+//!   libdeflate-sys crates, pinned with `=` in Cargo.toml) at level
+//!   [`GZIP_LEVEL`], header mtime 0, XFL 4, OS byte 255, members concatenated;
 //!   zstd: libzstd (bundled with zstd-sys, pinned by Cargo.lock) at level
 //!   [`ZSTD_LEVEL`], single-threaded, no checksum. Both give the same bytes on
 //!   every machine; the golden-digest test catches any drift.
@@ -26,16 +27,16 @@ use sha2::Digest as _;
 
 use super::{Compression, ImageError, Ownership};
 use crate::digest::Digest;
-use crate::store::{CachedLayer, DirNode, Node, PathComponent, Store, Tree};
+use crate::store::{CachedLayer, DirNode, Node, PathComponent, Staged, Store, Tree};
 
 /// Version of the tar and compression format; part of every [`LayerKey`], so
 /// changing how layers are written can never reuse a stale cached layer.
-pub const LAYER_FORMAT: &str = "pkg-layer 2: gnu tar, sorted paths, 1 MiB gzip blocks, flate2 1.1.11 miniz_oxide 0.9.1, zstd 0.14.3";
+pub const LAYER_FORMAT: &str = "pkg-layer 3: gnu tar, sorted paths, gzip members of 256 KiB blocks by libdeflate 1.26.1 (libdeflater 1.26.1), zstd 0.14.3";
 
-/// gzip level. Level 1 of miniz_oxide is several times faster than `gzip -6`
-/// (see benches/image.rs) at a few per cent larger output, and layers are written
-/// once and cached.
-pub const GZIP_LEVEL: u32 = 1;
+/// gzip level (libdeflate's scale, 1–12). Level 1 is many times faster than
+/// `gzip -6` (see benches/image.rs) at a few per cent larger output, and layers
+/// are written once and cached.
+pub const GZIP_LEVEL: i32 = 1;
 
 /// zstd level: libzstd's default, fast and already smaller than gzip -6.
 pub const ZSTD_LEVEL: i32 = 3;
@@ -213,22 +214,30 @@ pub fn write_tar(
     Ok(())
 }
 
-/// Builds the layer for `key` into the store's layer cache, unless it is already there.
-/// Returns the cached layer and whether it had to be built.
-pub fn build_layer(store: &Store, key: &LayerKey) -> Result<(CachedLayer, bool), ImageError> {
+/// Builds the layer for `key` into the store's layer cache, unless it is already
+/// there: its blob and key are staged in `staged`, and in the cache once it is
+/// published. A layer it builds is also staged as a blob in `copy_to`, if
+/// given (an OCI layout's `blobs/sha256`). Returns the layer and whether it
+/// had to be built.
+pub fn build_layer(
+    store: &Store,
+    key: &LayerKey,
+    staged: &Staged,
+    copy_to: Option<&Path>,
+) -> Result<(CachedLayer, bool), ImageError> {
     let cache_key = key.digest();
     if let Some(layer) = store.cached_layer(&cache_key)? {
         return Ok((layer, false));
     }
-    let blob = store.oci_blob_writer()?;
+    let blob = store.oci_blob_writer(copy_to)?;
     let io_err = |source: io::Error| ImageError::Tar { tree: key.tree, source };
     let (blob, diff_id) = match key.compression {
         Compression::Gzip => {
-            let gz = super::gzip::GzWriter::new(blob, GZIP_LEVEL);
-            let mut tar = HashingWriter::new(io::BufWriter::with_capacity(256 * 1024, gz));
+            // No BufWriter: the gzip writer collects whole blocks itself.
+            let gz = super::gzip::GzWriter::new(blob, GZIP_LEVEL).map_err(io_err)?;
+            let mut tar = HashingWriter::new(gz);
             write_tar(store, &key.tree, key.owner, key.mtime, &mut tar)?;
-            let (buf, diff_id, _) = tar.finish();
-            let gz = buf.into_inner().map_err(|e| io_err(e.into_error()))?;
+            let (gz, diff_id, _) = tar.finish();
             (gz.finish().map_err(io_err)?, diff_id)
         }
         Compression::Zstd => {
@@ -242,9 +251,9 @@ pub fn build_layer(store: &Store, key: &LayerKey) -> Result<(CachedLayer, bool),
             (enc.finish().map_err(io_err)?, diff_id)
         }
     };
-    let stored = blob.finish()?;
+    let stored = blob.finish(staged)?;
     let layer = CachedLayer { digest: stored.digest, diff_id, size: stored.size };
-    store.set_cached_layer(&cache_key, &layer)?;
+    store.stage_cached_layer(&cache_key, &layer, staged)?;
     Ok((layer, true))
 }
 

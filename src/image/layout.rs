@@ -3,14 +3,21 @@
 //!
 //! Invariants:
 //! - Blobs are copied into a temp file next to their destination, hashed while
-//!   copying and checked against their name; then all the temp files (and
-//!   `oci-layout`) are fsynced together, renamed into `blobs/sha256/HEX`, and
-//!   the directories synced. A blob already present is left alone (its name is
-//!   its content; a damaged one is what [`verify_oci_layout`] reports).
-//! - `index.json` is written last, canonically, replacing the old one atomically
-//!   (temp + fsync + rename), so a reader sees the old or the new layout, never
-//!   a half-written one. Entries of other refs already in it are kept; entries
-//!   with the refs being written are replaced; entries are sorted by ref name.
+//!   copying and checked against their name. The exception is a blob staged in
+//!   the same publication (a layer just built): it was hashed as it was
+//!   written, moments ago, by this process, so the kernel copies it
+//!   (`copy_file_range`) and only its size is checked. A blob already present
+//!   is left alone (its name is its content; a damaged one is what
+//!   [`verify_oci_layout`] reports).
+//! - `index.json` is written canonically, replacing the old one atomically, so a
+//!   reader sees the old or the new layout, never a half-written one. Entries
+//!   of other refs already in it are kept; entries with the refs being written
+//!   are replaced; entries are sorted by ref name.
+//! - All of it is one [`Staged`] publication: every temp file is fsynced at
+//!   once, then the blobs and `oci-layout` are renamed and their directories
+//!   synced, and only then is `index.json` renamed (and its directory synced),
+//!   so it never names a blob that is not durable. Directories that refuse
+//!   fsync are tolerated.
 //! - The archive is a deterministic tar of the same files (sorted paths, mtime
 //!   = the latest `created` of its images, uid/gid 0, mode 0644/0755), written
 //!   to a temp file and renamed.
@@ -24,7 +31,7 @@ use sha2::Digest as _;
 
 use super::oci::{REF_NAME, canonical_json};
 use super::{AssembledImage, BlobRef, ImageError, Result};
-use crate::store::Store;
+use crate::store::{Existing, Staged, Step, Store};
 
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
@@ -83,6 +90,12 @@ fn all_blobs(images: &[AssembledImage]) -> Vec<BlobRef> {
 fn open_blob(store: &Store, blob: &BlobRef) -> Result<File> {
     let path = store.oci_blob_path(&blob.digest);
     let file = File::open(&path).map_err(io_err("open the stored blob", &path))?;
+    check_size(file, blob, store)
+}
+
+/// `file`, the content of `blob` in `store`, unless its length is not the blob's size.
+fn check_size(file: File, blob: &BlobRef, store: &Store) -> Result<File> {
+    let path = store.oci_blob_path(&blob.digest);
     let len = file.metadata().map_err(io_err("read metadata of", &path))?.len();
     if len != blob.size {
         return Err(ImageError::CorruptBlob {
@@ -115,69 +128,64 @@ fn copy_verified(
     Ok(())
 }
 
-fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().expect("layout files have parents");
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".pkg")
-        .tempfile_in(dir)
-        .map_err(io_err("create a temp file in", dir))?;
-    tmp.write_all(bytes).map_err(io_err("write", tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io_err("sync", path))?;
-    set_mode(tmp.path(), 0o644)?;
-    tmp.persist(path).map_err(|e| e.error).map_err(io_err("rename a temp file to", path))?;
-    Ok(())
-}
-
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io_err("set permissions of", path))
 }
 
+/// Where the layout at `dir` keeps its blobs.
+pub(super) fn blobs_dir(dir: &Path) -> PathBuf {
+    dir.join("blobs/sha256")
+}
+
 /// Writes `images` into the OCI image layout at `dir` (created if absent),
 /// each named in `index.json` by its name.
 pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) -> Result<()> {
-    let blobs_dir = dir.join("blobs/sha256");
+    let staged = Staged::new();
+    stage_oci_layout(store, dir, images, &staged)?;
+    staged.publish()?;
+    Ok(())
+}
+
+/// Stages in `staged` what [`write_oci_layout`] writes; the blobs may be in
+/// the store or staged in `staged` to be stored.
+pub(super) fn stage_oci_layout(
+    store: &Store,
+    dir: &Path,
+    images: &[AssembledImage],
+    staged: &Staged,
+) -> Result<()> {
+    let blobs_dir = blobs_dir(dir);
     std::fs::create_dir_all(&blobs_dir).map_err(io_err("create directory", &blobs_dir))?;
-    // Every missing blob (and oci-layout) goes to a temp file first; they are
-    // synced together, then renamed.
-    let mut pending: Vec<(tempfile::NamedTempFile, PathBuf, u32)> = Vec::new();
+    staged.lenient_dirs_under(dir.to_path_buf());
     for blob in all_blobs(images) {
         let dest = blobs_dir.join(&blob.digest);
-        if dest.exists() {
+        // Present, or written while its layer was built.
+        if dest.exists() || staged.is_staged(&dest) {
             continue;
         }
         let from = store.oci_blob_path(&blob.digest);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".pkg")
-            .tempfile_in(&blobs_dir)
-            .map_err(io_err("create a temp file in", &blobs_dir))?;
-        copy_verified(open_blob(store, &blob)?, tmp.as_file_mut(), &blob, &from)?;
-        pending.push((tmp, dest, 0o444));
+        let mut tmp = temp_in(&blobs_dir)?;
+        match staged.reopen(&from) {
+            Some(fresh) => {
+                let mut fresh = check_size(fresh.map_err(io_err("open", &from))?, &blob, store)?;
+                io::copy(&mut fresh, tmp.as_file_mut()).map_err(io_err("copy", &from))?;
+            }
+            None => copy_verified(open_blob(store, &blob)?, tmp.as_file_mut(), &blob, &from)?,
+        }
+        set_mode(tmp.path(), 0o444)?;
+        staged.add(Step::Content, tmp, dest, Existing::Keep);
     }
     let layout_file = dir.join("oci-layout");
     if std::fs::read(&layout_file).ok().as_deref() != Some(OCI_LAYOUT) {
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".pkg")
-            .tempfile_in(dir)
-            .map_err(io_err("create a temp file in", dir))?;
-        tmp.write_all(OCI_LAYOUT).map_err(io_err("write", tmp.path()))?;
-        pending.push((tmp, layout_file, 0o644));
+        staged.add(Step::Content, temp_with(dir, OCI_LAYOUT)?, layout_file, Existing::Replace);
     }
-    for (tmp, _, mode) in &pending {
-        set_mode(tmp.path(), *mode)?;
-    }
-    let files: Vec<&File> = pending.iter().map(|(tmp, _, _)| tmp.as_file()).collect();
-    if let Err((i, e)) = crate::store::sync_all_together(&files) {
-        return Err(io_err("sync", &pending[i].1)(e));
-    }
-    for (tmp, dest, _) in pending {
-        tmp.persist(&dest).map_err(|e| e.error).map_err(io_err("rename a temp file to", &dest))?;
-    }
-    // The blobs' names are durable before index.json names them.
-    sync_dir(&blobs_dir);
-    sync_dir(&dir.join("blobs"));
-    sync_dir(dir);
+    // The directories may be new: their entries, too, are durable before
+    // index.json names anything below them.
+    staged.sync_dir(Step::Content, blobs_dir);
+    staged.sync_dir(Step::Content, dir.join("blobs"));
+    staged.sync_dir(Step::Content, dir.to_path_buf());
     // Keep other refs of an existing index.json.
     let index_path = dir.join("index.json");
     let mut manifests: Vec<(String, serde_json::Value)> = match std::fs::read(&index_path) {
@@ -200,16 +208,24 @@ pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) ->
     }
     manifests.sort_by(|a, b| a.0.cmp(&b.0));
     let manifests = manifests.into_iter().map(|(_, d)| d).collect();
-    write_file_atomic(&index_path, &index_json(manifests))?;
-    sync_dir(dir);
+    staged.add(Step::Names, temp_with(dir, &index_json(manifests))?, index_path, Existing::Replace);
     Ok(())
 }
 
-/// Best effort, as some filesystems refuse to fsync a directory.
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
+/// An empty temp file in `dir`, to be renamed to a name in it.
+fn temp_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(".pkg")
+        .tempfile_in(dir)
+        .map_err(io_err("create a temp file in", dir))
+}
+
+/// A temp file in `dir` holding `bytes`, mode 0644 (not synced).
+fn temp_with(dir: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
+    let mut tmp = temp_in(dir)?;
+    tmp.write_all(bytes).map_err(io_err("write", tmp.path()))?;
+    set_mode(tmp.path(), 0o644)?;
+    Ok(tmp)
 }
 
 /// Writes `images` as one deterministic oci-archive tar at `path`.

@@ -16,6 +16,10 @@
 //!    index when the image has several platforms ([`oci`]);
 //! 4. records the image in the store under its name.
 //!
+//! Steps 3 and 4 stage their files in one [`Staged`] publication, made durable
+//! at the end: blobs first, then layer keys and image records, with three
+//! waits for the disk in all.
+//!
 //! [`write_oci_layout`] and [`write_oci_archive`] copy the blobs out of the
 //! store. [`verify_oci_layout`] re-hashes everything a layout references.
 //!
@@ -44,7 +48,7 @@ use crate::digest::Digest;
 use crate::platform::Platform;
 pub use crate::recipe::Compression;
 use crate::recipe::Port;
-use crate::store::{ImageRecord, RefName, Store, StoreError};
+use crate::store::{ImageRecord, RefName, Staged, Store, StoreError};
 pub use layout::{LayoutReport, verify_oci_layout, write_oci_archive, write_oci_layout};
 
 /// Default most layers per image (see the module docs for why 32).
@@ -311,6 +315,56 @@ pub fn assemble(
     options: &AssembleOptions,
 ) -> Result<(Vec<AssembledImage>, AssembleStats)> {
     let _pin = store.pin()?;
+    let staged = Staged::new();
+    let assembled = assemble_staged(store, images, options, &staged, None)?;
+    staged.publish()?;
+    Ok(assembled)
+}
+
+/// [`assemble`], then [`write_oci_layout`] of the images into `dir`, in one
+/// publication: the layout's fsyncs overlap the store's (three waits for the
+/// disk in all). Layers built now are written into the layout as they are
+/// compressed, the other blobs copied from the store.
+pub fn assemble_into_layout(
+    store: &Store,
+    images: &[ImageSpec],
+    options: &AssembleOptions,
+    dir: &std::path::Path,
+) -> Result<(Vec<AssembledImage>, AssembleStats)> {
+    let _pin = store.pin()?;
+    let staged = Staged::new();
+    let blobs = layout::blobs_dir(dir);
+    // Directories created here, deepest first: removed again if assembly fails.
+    let created: Vec<&std::path::Path> = blobs.ancestors().take_while(|d| !d.exists()).collect();
+    // If the layout cannot be created, stage_oci_layout says so below.
+    let copy_to = std::fs::create_dir_all(&blobs).is_ok().then_some(blobs.as_path());
+    let assembled = match assemble_staged(store, images, options, &staged, copy_to) {
+        Ok(assembled) => assembled,
+        Err(e) => {
+            drop(staged);
+            for d in created {
+                let _ = std::fs::remove_dir(d);
+            }
+            return Err(e);
+        }
+    };
+    // The images are recorded even when the layout cannot be written.
+    let layout = layout::stage_oci_layout(store, dir, &assembled.0, &staged);
+    staged.publish()?;
+    layout?;
+    Ok(assembled)
+}
+
+/// [`assemble`] with everything it writes to the store staged in `staged`,
+/// and the layers it builds also into `copy_to`. The caller holds a
+/// [`Pin`](crate::store::Pin) until it publishes.
+fn assemble_staged(
+    store: &Store,
+    images: &[ImageSpec],
+    options: &AssembleOptions,
+    staged: &Staged,
+    copy_to: Option<&std::path::Path>,
+) -> Result<(Vec<AssembledImage>, AssembleStats)> {
     for image in images {
         RefName::new(&image.name)
             .map_err(|source| ImageError::InvalidName { name: image.name.clone(), source })?;
@@ -342,9 +396,13 @@ pub fn assemble(
         jobs.insert(planned.key.digest(), planned.key);
     }
     let jobs: Vec<(Digest, layer::LayerKey)> = jobs.into_iter().collect();
+    // Everything this call writes to the store is published at once at the end:
+    // layer and document blobs first, then layer keys and image records.
     let build = || {
         jobs.par_iter()
-            .map(|(id, key)| layer::build_layer(store, key).map(|built| (*id, built)))
+            .map(|(id, key)| {
+                layer::build_layer(store, key, staged, copy_to).map(|built| (*id, built))
+            })
             .collect::<Result<Vec<_>>>()
     };
     let built = match options.threads {
@@ -366,14 +424,14 @@ pub fn assemble(
     }
     let mut out = Vec::new();
     for (image, plan) in images.iter().zip(plans) {
-        let assembled = finish_image(store, image, plan, &layers)?;
+        let assembled = finish_image(store, image, plan, &layers, staged)?;
         let record = ImageRecord {
             trees: assembled.trees(),
             metadata: serde_json::json!({ "format": RECORD_FORMAT, "image": assembled }),
         };
         let name = RefName::new(&image.name)
             .map_err(|source| ImageError::InvalidName { name: image.name.clone(), source })?;
-        store.set_image(&name, &record)?;
+        store.stage_image(&name, &record, staged)?;
         out.push(assembled);
     }
     Ok((out, stats))
@@ -427,9 +485,10 @@ fn finish_image(
     image: &ImageSpec,
     plan: Vec<Vec<PlannedLayer>>,
     built: &HashMap<Digest, crate::store::CachedLayer>,
+    staged: &Staged,
 ) -> Result<AssembledImage> {
     // Every document is made in memory first (each names the ones before by
-    // digest), then all are stored at once.
+    // digest), then all are staged at once.
     let mut documents: Vec<Vec<u8>> = Vec::new();
     let mut platforms = Vec::new();
     for (contents, planned) in image.platforms.iter().zip(plan) {
@@ -490,7 +549,7 @@ fn finish_image(
         (oci_spec::image::MediaType::ImageIndex, index.clone(), Some(index))
     };
     let documents: Vec<&[u8]> = documents.iter().map(Vec::as_slice).collect();
-    store.put_oci_blobs(&documents)?;
+    store.stage_oci_blobs(&documents, staged)?;
     Ok(AssembledImage {
         name: image.name.clone(),
         created: image.created,

@@ -239,34 +239,87 @@ fn header(stored: &[u8]) -> Result<(u8, u64), BlobError> {
 
 /// Decodes a stored blob and checks that it is the content named `expected`.
 pub fn decode(stored: &[u8], expected: &Digest) -> Result<Vec<u8>, BlobError> {
+    let mut raw = Vec::new();
+    decode_into(stored, expected, &mut Decoder::default(), &mut raw)?;
+    Ok(raw)
+}
+
+/// What [`decode_into`] keeps between blobs: a zstd context, made on first use.
+#[derive(Default)]
+pub struct Decoder(Option<zstd::bulk::Decompressor<'static>>);
+
+/// [`decode`] into `raw` (replacing its content), reusing `decoder` and `raw`'s
+/// allocation: a reader of many chunks allocates neither per chunk. On error,
+/// `raw` holds no unverified byte (it is left empty).
+pub fn decode_into(
+    stored: &[u8],
+    expected: &Digest,
+    decoder: &mut Decoder,
+    raw: &mut Vec<u8>,
+) -> Result<(), BlobError> {
+    raw.clear();
+    let result = decode_unverified(stored, decoder, raw).and_then(|()| {
+        let actual = Digest::of(raw);
+        if actual == *expected { Ok(()) } else { Err(BlobError::HashMismatch { actual }) }
+    });
+    if result.is_err() {
+        raw.clear();
+    }
+    result
+}
+
+/// The raw bytes of `stored` into the empty `raw`, length checked, not hashed.
+fn decode_unverified(
+    stored: &[u8],
+    decoder: &mut Decoder,
+    raw: &mut Vec<u8>,
+) -> Result<(), BlobError> {
     let (encoding, len) = header(stored)?;
     let payload = &stored[HEADER_LEN..];
-    let raw = match encoding {
-        RAW => payload.to_vec(),
+    match encoding {
+        RAW => raw.extend_from_slice(payload),
         ZSTD => {
             // Never allocate more than the header claims, and never trust a claim
             // larger than a chunk can be.
             if len > CHUNK_MAX as u64 {
                 return Err(BlobError::LengthMismatch { expected: len, actual: CHUNK_MAX as u64 });
             }
-            zstd::bulk::decompress(payload, len as usize)
-                .map_err(|e| BlobError::Zstd(e.to_string()))?
+            let zstd_err = |e: std::io::Error| BlobError::Zstd(e.to_string());
+            let zstd = match &mut decoder.0 {
+                Some(zstd) => zstd,
+                empty => empty.insert(zstd::bulk::Decompressor::new().map_err(zstd_err)?),
+            };
+            raw.reserve(len as usize);
+            zstd.decompress_to_buffer(payload, raw).map_err(zstd_err)?;
         }
         other => return Err(BlobError::UnknownEncoding(other)),
-    };
+    }
     if raw.len() as u64 != len {
         return Err(BlobError::LengthMismatch { expected: len, actual: raw.len() as u64 });
     }
-    let actual = Digest::of(&raw);
-    if actual != *expected {
-        return Err(BlobError::HashMismatch { actual });
-    }
-    Ok(raw)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_decoder_and_buffer_serve_many_blobs_and_keep_nothing_unverified() {
+        let text = b"hello world ".repeat(1000);
+        let random: Vec<u8> =
+            (0..50_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let (mut decoder, mut raw) = (Decoder::default(), Vec::new());
+        for data in [&text[..], &random, &text, b""] {
+            let stored = encode(data).to_vec();
+            decode_into(&stored, &Digest::of(data), &mut decoder, &mut raw).unwrap();
+            assert_eq!(raw, data);
+        }
+        let stored = encode(&text).to_vec();
+        let err = decode_into(&stored, &Digest::of(b"other"), &mut decoder, &mut raw).unwrap_err();
+        assert!(matches!(err, BlobError::HashMismatch { .. }), "{err:?}");
+        assert!(raw.is_empty());
+    }
 
     #[test]
     fn text_is_compressed_and_round_trips() {

@@ -20,7 +20,10 @@
 //!   leaves the store valid; at worst `tmp/` holds garbage that `gc` removes.
 //! - Every file is durable before anything that names it is written. Refs,
 //!   image records, layers and objects written outside ingest get an fsync of
-//!   the file before the rename and of the directory after it. Ingest writes its
+//!   the file before the rename and of the directory after it (several at once
+//!   through a [`Staged`] publication, which keeps that order); the one
+//!   exception is the layer cache's key files, which name nothing that is not
+//!   durable yet and whose loss only costs a rebuild (see `store::layers`). Ingest writes its
 //!   blobs and trees without either and makes them durable in one batch (a
 //!   `syncfs`) before it returns the digest, under a marker that lets the next
 //!   [`Store::open`] find and repair what a power loss mid-ingest left torn: see
@@ -42,7 +45,9 @@ mod ingest;
 mod layers;
 mod maintenance;
 mod refs;
+mod staged;
 pub mod tree;
+mod writeback;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -54,6 +59,7 @@ pub(crate) use layers::is_sha256_hex;
 pub use layers::{CachedLayer, OciBlob, OciBlobWriter, hex};
 pub use maintenance::{GcReport, Problem, Stats, VerifyReport};
 pub use refs::{ImageRecord, ImportRecord, RefName};
+pub use staged::{Existing, Staged, Step};
 pub use tree::{Chunk, DirNode, FileNode, Node, PathComponent, Permissions, SymlinkTarget, Tree};
 
 use crate::digest::Digest;
@@ -232,6 +238,14 @@ impl Store {
 
     /// [`Store::write_atomic`] of the concatenation of `parts`.
     pub(crate) fn write_atomic_parts(&self, path: &Path, parts: &[&[u8]], mode: u32) -> Result<()> {
+        let tmp = self.temp_file(parts, mode)?;
+        tmp.as_file().sync_all().ctx("sync", tmp.path())?;
+        tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
+        sync_parent(path)
+    }
+
+    /// A temp file in `tmp/` holding the concatenation of `parts` (not synced).
+    pub(crate) fn temp_file(&self, parts: &[&[u8]], mode: u32) -> Result<tempfile::NamedTempFile> {
         use std::os::unix::fs::PermissionsExt;
         let tmp_dir = self.root.join("tmp");
         let mut tmp = tempfile::Builder::new()
@@ -242,24 +256,13 @@ impl Store {
         for part in parts {
             tmp.write_all(part).ctx("write", tmp.path())?;
         }
-        tmp.as_file().sync_all().ctx("sync", tmp.path())?;
-        tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
-        sync_parent(path)
+        Ok(tmp)
     }
 
     /// Writes the concatenation of `parts` to `path` as temp file + rename with no
     /// fsync: durable only once `batch` finishes (see [`batch`]).
     fn write_unsynced(&self, path: &Path, parts: &[&[u8]], batch: &batch::Batch) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let tmp_dir = self.root.join("tmp");
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".w")
-            .permissions(std::fs::Permissions::from_mode(0o444))
-            .tempfile_in(&tmp_dir)
-            .ctx("create a temp file in", &tmp_dir)?;
-        for part in parts {
-            tmp.write_all(part).ctx("write", tmp.path())?;
-        }
+        let tmp = self.temp_file(parts, 0o444)?;
         tmp.persist(path).map_err(|e| e.error).ctx("rename a temp file to", path)?;
         batch.wrote(parts.iter().map(|p| p.len() as u64).sum());
         Ok(())
@@ -324,9 +327,23 @@ impl Store {
     }
 
     fn read_object(&self, kind: ObjectKind, digest: &Digest) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.read_object_into(kind, digest, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads an object's stored bytes into `bytes`, replacing its content.
+    fn read_object_into(
+        &self,
+        kind: ObjectKind,
+        digest: &Digest,
+        bytes: &mut Vec<u8>,
+    ) -> Result<()> {
         let path = self.object_path(kind, digest);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(bytes),
+        bytes.clear();
+        let read = File::open(&path).and_then(|mut f| f.read_to_end(bytes));
+        match read {
+            Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Err(StoreError::Missing { kind, digest: *digest })
             }
@@ -343,6 +360,8 @@ impl Store {
             store: self.clone(),
             chunks: file.chunks().to_vec(),
             next: 0,
+            stored: Vec::new(),
+            decoder: blob::Decoder::default(),
             buf: Vec::new(),
             pos: 0,
         }
@@ -402,11 +421,16 @@ pub(crate) fn sync_all_together(files: &[&File]) -> std::result::Result<(), (usi
     Ok(())
 }
 
-/// Reads a stored file's content; see [`Store::open_file`].
+/// Reads a stored file's content; see [`Store::open_file`]. Its buffers and
+/// zstd context serve every chunk of the file.
 pub struct FileReader {
     store: Store,
     chunks: Vec<Chunk>,
     next: usize,
+    /// The current chunk's stored (encoded) bytes.
+    stored: Vec<u8>,
+    decoder: blob::Decoder,
+    /// The current chunk, verified.
     buf: Vec<u8>,
     pos: usize,
 }
@@ -415,8 +439,17 @@ impl Read for FileReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.buf.len() {
             let Some(chunk) = self.chunks.get(self.next) else { return Ok(0) };
-            self.buf = self.store.read_blob(&chunk.digest).map_err(io::Error::other)?;
+            let digest = chunk.digest;
+            // Empty until verified: after an error, the next read tries again.
+            self.buf.clear();
             self.pos = 0;
+            self.store
+                .read_object_into(ObjectKind::Blob, &digest, &mut self.stored)
+                .and_then(|()| {
+                    blob::decode_into(&self.stored, &digest, &mut self.decoder, &mut self.buf)
+                        .map_err(|source| StoreError::CorruptBlob { digest, source })
+                })
+                .map_err(io::Error::other)?;
             self.next += 1;
         }
         let n = out.len().min(self.buf.len() - self.pos);

@@ -17,7 +17,7 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use super::{IoContext, ObjectKind, Result, Store, StoreError};
+use super::{Existing, IoContext, ObjectKind, Result, Staged, Step, Store, StoreError};
 use crate::digest::Digest;
 
 /// A validated image or root name: 1–200 bytes of `A-Z a-z 0-9 . _ - + : @ /`,
@@ -158,11 +158,21 @@ impl Store {
     /// Records (or replaces) the image `name`.
     pub fn set_image(&self, name: &RefName, record: &ImageRecord) -> Result<()> {
         let _pin = self.pin()?;
+        let staged = Staged::new();
+        self.stage_image(name, record, &staged)?;
+        staged.publish()
+    }
+
+    /// Stages the record of image `name` (as `Names`, so after the blobs it
+    /// names). Hold a [`Pin`](super::Pin) until `staged` is published.
+    pub fn stage_image(&self, name: &RefName, record: &ImageRecord, staged: &Staged) -> Result<()> {
         for tree in &record.trees {
             self.require_tree(tree)?;
         }
         let path = self.refs_dir("images").join(name.file_name());
-        self.write_atomic(&path, &record_bytes(&record.trees, &record.metadata), 0o644)
+        let tmp = self.temp_file(&[&record_bytes(&record.trees, &record.metadata)], 0o644)?;
+        staged.add(Step::Names, tmp, path, Existing::Replace);
+        Ok(())
     }
 
     /// The image recorded as `name`, if any.

@@ -116,7 +116,7 @@ fn read_layer(
 ) -> Vec<(String, char, u32, u64, u64, u64, String)> {
     let file = std::fs::File::open(blob).unwrap();
     let reader: Box<dyn Read> = match compression {
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(file)),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
         Compression::Zstd => Box::new(zstd::stream::Decoder::new(file).unwrap()),
     };
     let mut archive = tar::Archive::new(reader);
@@ -336,13 +336,47 @@ fn image_layer_tars_are_canonical() {
         let mut tar = vec![];
         let file = std::fs::File::open(store.oci_blob_path(&layer.blob.digest)).unwrap();
         match compression {
-            Compression::Gzip => flate2::read::GzDecoder::new(file).read_to_end(&mut tar),
+            Compression::Gzip => flate2::read::MultiGzDecoder::new(file).read_to_end(&mut tar),
             Compression::Zstd => zstd::stream::Decoder::new(file).unwrap().read_to_end(&mut tar),
         }
         .unwrap();
         use sha2::Digest as _;
         assert_eq!(pkg::store::hex(&sha2::Sha256::digest(&tar)), layer.diff_id);
     }
+}
+
+/// `assemble_into_layout` writes the same layout as `assemble` then
+/// `write_oci_layout` (layers built now are written into it as they are
+/// compressed), and a failed assembly leaves no layout directory behind.
+#[test]
+fn assemble_into_layout_matches_write_oci_layout() {
+    let ctx = TestContext::new();
+    let store = Store::open(&ctx.store()).unwrap();
+    let packages = demo_packages(&store, ctx.root());
+    let layout = ctx.root().join("out/layout");
+    let specs = [spec("demo", &[amd64()], &packages)];
+    let (images, stats) =
+        image::assemble_into_layout(&store, &specs, &AssembleOptions::default(), &layout).unwrap();
+    assert_eq!(stats.layers_built, 2);
+    assert_eq!(image::verify_oci_layout(&layout).unwrap().refs, vec!["demo".to_string()]);
+    let other = ctx.root().join("other");
+    image::write_oci_layout(&store, &other, &images).unwrap();
+    assert_eq!(read_all(&layout), read_all(&other));
+    // Layers from the cache are copied from the store.
+    let again = ctx.root().join("again");
+    let (_, stats) =
+        image::assemble_into_layout(&store, &specs, &AssembleOptions::default(), &again).unwrap();
+    assert_eq!(stats.layers_cached, 2);
+    assert_eq!(read_all(&again), read_all(&other));
+
+    let a = package(&store, ctx.root(), "alpha", &[("etc/app.conf", "one", 0o644)]);
+    let b = package(&store, ctx.root(), "beta", &[("etc/app.conf", "two", 0o644)]);
+    let missing = ctx.root().join("missing/layout");
+    let bad = [spec("bad", &[amd64()], &[a, b])];
+    let err = image::assemble_into_layout(&store, &bad, &AssembleOptions::default(), &missing)
+        .unwrap_err();
+    assert!(matches!(err, ImageError::Conflict { .. }), "{err:?}");
+    assert!(!ctx.root().join("missing").exists());
 }
 
 #[test]
@@ -692,6 +726,10 @@ crate::rootless_test! {
         std::fs::create_dir_all(&out).unwrap();
         std::fs::copy(&bin, out.join("hello")).unwrap();
         std::fs::set_permissions(out.join("hello"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Incompressible padding makes the layer several gzip members long.
+        let mut padding = vec![0u8; 3 * image::gzip::BLOCK];
+        blake3::Hasher::new().update(b"padding").finalize_xof().fill(&mut padding);
+        std::fs::write(out.join("padding"), padding).unwrap();
         make_dir(&ctx.root().join("out"), &[]);
         let hello = PackageTree { name: "hello".into(), tree: ingest(&store, &ctx.root().join("out")) };
         let mut spec = spec("hello", &[Platform::host()], &[hello]);

@@ -1,0 +1,304 @@
+//! Publishing several files durably while waiting for the disk only three times.
+//!
+//! Each file is first written in full to a temp file on its destination's
+//! filesystem and handed to a [`Staged`] with its final name and a [`Step`];
+//! its fsync starts then, on a thread of its own, so files staged early (the
+//! first layers of an image) are synced while later ones are still being
+//! made. [`Staged::publish`] then
+//!
+//! 1. waits for every temp file's fsync;
+//! 2. renames the [`Step::Content`] files to their names and fsyncs their
+//!    directories (and any extra ones given) at once;
+//! 3. does the same for the [`Step::Names`] files.
+//!
+//! A file staged with [`Staged::add_unsynced`] (a cache's index entry) is
+//! renamed in its step, but neither it nor its directory is fsynced: after a
+//! power loss it may be missing or torn, which its readers treat as absent.
+//!
+//! Invariants: a name appears only with complete content (rename of a synced
+//! temp file), and a `Names` file (a layer key, an image record, `index.json`)
+//! becomes durable only after every `Content` file it may refer to is durable
+//! under its name — the same guarantees as one temp + fsync + rename +
+//! directory fsync per file in that order, at the cost of three waits instead of
+//! two per file. Nothing is renamed unless every temp file synced; a failure
+//! later leaves the files renamed so far in place, each complete.
+//!
+//! One publication may span filesystems (the store and an OCI layout written
+//! beside it): their fsyncs still overlap. Until it is published, a staged
+//! file's content is readable through [`Staged::reopen`].
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use super::{IoContext, Result, sync_all_together};
+
+/// When a staged file is renamed into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Files that refer to nothing else staged: blobs, `oci-layout`.
+    Content,
+    /// Files that may name `Content` files: layer keys, records, `index.json`.
+    Names,
+}
+
+/// What to do when a staged file's name already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Replace it (a ref, `index.json`).
+    Replace,
+    /// Keep it and drop the new copy (a name that is a hash of the content).
+    Keep,
+}
+
+struct StagedFile {
+    tmp: tempfile::NamedTempFile,
+    dest: PathBuf,
+    existing: Existing,
+    sync: Syncing,
+}
+
+/// How a staged file is made durable.
+enum Syncing {
+    /// Its fsync, running since it was staged; `None` if no thread could be
+    /// started for it, so [`Staged::publish`] syncs it.
+    Started(Option<JoinHandle<io::Result<()>>>),
+    /// Never: see [`Staged::add_unsynced`].
+    Never,
+}
+
+/// Starts fsyncing `tmp` on a thread of its own.
+fn start_sync(tmp: &tempfile::NamedTempFile) -> Syncing {
+    let handle = tmp.as_file().try_clone().ok().and_then(|file| {
+        std::thread::Builder::new().name("pkg-fsync".into()).spawn(move || file.sync_all()).ok()
+    });
+    Syncing::Started(handle)
+}
+
+#[derive(Default)]
+struct StepFiles {
+    files: Vec<StagedFile>,
+    /// Directories to fsync besides the destinations' parents.
+    dirs: BTreeSet<PathBuf>,
+}
+
+/// Files waiting to be published together; see the module docs. Several
+/// threads may stage into one.
+#[derive(Default)]
+pub struct Staged {
+    steps: Mutex<[StepFiles; 2]>,
+    /// Directories at or below these may refuse fsync without failing.
+    lenient: Mutex<Vec<PathBuf>>,
+}
+
+impl Staged {
+    pub fn new() -> Self {
+        Staged::default()
+    }
+
+    /// Stages the fully written temp file `tmp` to become `dest` in `step`,
+    /// and starts its fsync.
+    pub fn add(&self, step: Step, tmp: tempfile::NamedTempFile, dest: PathBuf, existing: Existing) {
+        let sync = start_sync(&tmp);
+        lock(&self.steps)[step as usize].files.push(StagedFile { tmp, dest, existing, sync });
+    }
+
+    /// Stages `tmp` to replace `dest` in `step` without ever fsyncing it or
+    /// its directory: for a file whose loss or tearing by a power failure only
+    /// costs work, because its readers treat a missing or undecodable one as
+    /// absent (a layer cache key). Other processes still see it whole or not
+    /// at all, and only after the `Content` files it may name are durable.
+    pub fn add_unsynced(&self, step: Step, tmp: tempfile::NamedTempFile, dest: PathBuf) {
+        let file = StagedFile { tmp, dest, existing: Existing::Replace, sync: Syncing::Never };
+        lock(&self.steps)[step as usize].files.push(file);
+    }
+
+    /// Also fsyncs `dir` in `step` (e.g. the parent of a directory just created).
+    pub fn sync_dir(&self, step: Step, dir: PathBuf) {
+        lock(&self.steps)[step as usize].dirs.insert(dir);
+    }
+
+    /// A directory at or below `root` whose fsync fails is not an error: for
+    /// output directories, which may be on a filesystem that refuses to fsync
+    /// one (the files themselves are still synced).
+    pub fn lenient_dirs_under(&self, root: PathBuf) {
+        lock(&self.lenient).push(root);
+    }
+
+    /// Whether a file is staged to become `dest`.
+    pub fn is_staged(&self, dest: &Path) -> bool {
+        lock(&self.steps).iter().flat_map(|s| &s.files).any(|f| f.dest == dest)
+    }
+
+    /// The content staged to become `dest`, read from its temp file, if any.
+    pub fn reopen(&self, dest: &Path) -> Option<std::io::Result<File>> {
+        let steps = lock(&self.steps);
+        let file = steps.iter().flat_map(|s| &s.files).find(|f| f.dest == dest)?;
+        // Read-only: blobs are staged with mode 0444.
+        Some(File::open(file.tmp.path()))
+    }
+
+    /// Makes every staged file durable under its name, in step order.
+    pub fn publish(self) -> Result<()> {
+        // Wait for every fsync (all of them, even after a failure, so none
+        // outlives the publication), then sync what got no thread.
+        let mut steps = self.steps.into_inner().unwrap_or_else(|e| e.into_inner());
+        let lenient = self.lenient.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut failed = None;
+        let mut unstarted = Vec::new();
+        for file in steps.iter_mut().flat_map(|s| &mut s.files) {
+            let Syncing::Started(handle) = &mut file.sync else { continue };
+            let synced = match handle.take() {
+                Some(handle) => handle
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("an fsync thread panicked"))),
+                None => {
+                    unstarted.push(&file.tmp);
+                    Ok(())
+                }
+            };
+            if let (None, Err(e)) = (&failed, synced) {
+                failed = Some((e, file.tmp.path().to_path_buf()));
+            }
+        }
+        if let Some((e, path)) = failed {
+            return Err(e).ctx("sync", &path);
+        }
+        let files: Vec<&File> = unstarted.iter().map(|t| t.as_file()).collect();
+        if let Err((i, e)) = sync_all_together(&files) {
+            return Err(e).ctx("sync", unstarted[i].path());
+        }
+        for step in steps {
+            let mut dirs = step.dirs;
+            for file in step.files {
+                if file.existing == Existing::Keep && file.dest.exists() {
+                    continue;
+                }
+                let dest = file.dest;
+                file.tmp.persist(&dest).map_err(|e| e.error).ctx("rename a temp file to", &dest)?;
+                if let (Syncing::Started(_), Some(parent)) = (file.sync, dest.parent()) {
+                    dirs.insert(parent.to_path_buf());
+                }
+            }
+            sync_dirs(&dirs, &lenient)?;
+        }
+        Ok(())
+    }
+}
+
+/// Locks `m`; a panic elsewhere while it was held leaves the lists whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Fsyncs directories at once (one thread each), failing on the first that
+/// cannot be synced unless it is at or below one of `lenient`.
+fn sync_dirs(dirs: &BTreeSet<PathBuf>, lenient: &[PathBuf]) -> Result<()> {
+    let results: Vec<(&PathBuf, Result<()>)> = std::thread::scope(|scope| {
+        let spawned: Vec<_> =
+            dirs.iter().map(|dir| (dir, scope.spawn(move || super::sync_dir(dir)))).collect();
+        spawned
+            .into_iter()
+            .map(|(dir, handle)| {
+                let result = handle.join().unwrap_or_else(|_| {
+                    Err(std::io::Error::other("an fsync thread panicked"))
+                        .ctx("sync directory", dir)
+                });
+                (dir, result)
+            })
+            .collect()
+    });
+    for (dir, result) in results {
+        if result.is_err() && lenient.iter().any(|root| dir.starts_with(root)) {
+            continue;
+        }
+        result?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn temp_with(dir: &Path, bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).unwrap();
+        tmp.write_all(bytes).unwrap();
+        tmp
+    }
+
+    #[test]
+    fn publishes_every_file_replacing_or_keeping_existing_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blob, key, kept) =
+            (dir.path().join("blob"), dir.path().join("key"), dir.path().join("kept"));
+        std::fs::write(&key, b"old key").unwrap();
+        std::fs::write(&kept, b"first").unwrap();
+        let staged = Staged::new();
+        staged.add(Step::Names, temp_with(dir.path(), b"key"), key.clone(), Existing::Replace);
+        staged.add(Step::Content, temp_with(dir.path(), b"blob"), blob.clone(), Existing::Keep);
+        staged.add(Step::Content, temp_with(dir.path(), b"second"), kept.clone(), Existing::Keep);
+        staged.sync_dir(Step::Content, dir.path().to_path_buf());
+        staged.publish().unwrap();
+        assert_eq!(std::fs::read(&blob).unwrap(), b"blob");
+        assert_eq!(std::fs::read(&key).unwrap(), b"key");
+        assert_eq!(std::fs::read(&kept).unwrap(), b"first");
+        // Only the three names are left: kept copies and temp files are gone.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn staged_content_can_be_read_before_it_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = Staged::new();
+        let blob = dir.path().join("blob");
+        staged.add(Step::Content, temp_with(dir.path(), b"blob"), blob.clone(), Existing::Keep);
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut staged.reopen(&blob).unwrap().unwrap(), &mut read)
+            .unwrap();
+        assert_eq!(read, "blob");
+        assert!(staged.reopen(&dir.path().join("other")).is_none());
+    }
+
+    #[test]
+    fn only_lenient_directories_may_fail_to_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        let staged = Staged::new();
+        staged.sync_dir(Step::Content, gone.clone());
+        assert!(staged.publish().is_err());
+        let staged = Staged::new();
+        staged.sync_dir(Step::Content, gone.clone());
+        staged.lenient_dirs_under(dir.path().to_path_buf());
+        staged.publish().unwrap();
+    }
+
+    #[test]
+    fn unsynced_files_are_published_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, b"old").unwrap();
+        let staged = Staged::new();
+        staged.add_unsynced(Step::Names, temp_with(dir.path(), b"new"), key.clone());
+        staged.publish().unwrap();
+        assert_eq!(std::fs::read(&key).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_name_that_cannot_be_written_leaves_the_content_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = Staged::new();
+        let blob = dir.path().join("blob");
+        staged.add(Step::Content, temp_with(dir.path(), b"blob"), blob.clone(), Existing::Keep);
+        let missing = dir.path().join("missing/key");
+        staged.add(Step::Names, temp_with(dir.path(), b"key"), missing, Existing::Replace);
+        assert!(staged.publish().is_err());
+        // The content step completed; the name that could not be written is absent.
+        assert_eq!(std::fs::read(&blob).unwrap(), b"blob");
+    }
+}
