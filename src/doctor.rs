@@ -94,14 +94,17 @@ pub fn check(host: &HostFacts<'_>) -> Vec<Check> {
             detail: format!(
                 "the kernel refuses overlayfs inside a user namespace ({}): `pkg run` uses \
                  fuse-overlayfs instead, which is slower",
-                causes(&e)
+                crate::error_chain(&e)
             ),
             fix: Some("Linux 5.11 or later mounts overlayfs rootless".into()),
         },
         Err(e) => Check {
             name: "overlay",
             status: Status::Fail,
-            detail: format!("overlayfs cannot be mounted inside a user namespace: {}", causes(&e)),
+            detail: format!(
+                "overlayfs cannot be mounted inside a user namespace: {}",
+                crate::error_chain(&e)
+            ),
             fix: Some(
                 "`pkg run` needs Linux 5.11 or later for rootless overlayfs, or fuse-overlayfs \
                  (see below)"
@@ -131,7 +134,7 @@ pub fn check(host: &HostFacts<'_>) -> Vec<Check> {
                 }
                 _ => "see the user namespaces check".to_string(),
             }),
-            detail: causes(&e),
+            detail: crate::error_chain(&e),
         },
     });
     checks.push(subordinate_ids(host));
@@ -164,17 +167,6 @@ pub fn check(host: &HostFacts<'_>) -> Vec<Check> {
     }
     checks.push(store_writable(&host.store));
     checks
-}
-
-/// `error` and its causes, joined by `: `.
-fn causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        text = format!("{text}: {c}");
-        cause = c.source();
-    }
-    text
 }
 
 fn ok(name: &'static str, detail: &str) -> Check {

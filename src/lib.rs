@@ -21,3 +21,16 @@ pub mod run;
 pub mod sandbox;
 pub mod store;
 pub mod tool;
+
+/// An error and its sources on one line, `outer: inner: innermost`, for
+/// one-line reports (`pkg doctor`, `pkg store verify`).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -342,16 +342,7 @@ fn reason(e: &StoreError) -> String {
             format!("content hashes to {actual}, not to its name")
         }
         StoreError::Missing { .. } => "missing".into(),
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
+        other => crate::error_chain(other),
     }
 }
 
