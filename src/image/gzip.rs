@@ -43,6 +43,12 @@ use std::thread::JoinHandle;
 /// large enough that the per-member cost stays well under 1% of the size.
 pub const BLOCK: usize = 256 * 1024;
 
+/// Capacity of every buffer, input or output: a block's gzip member at its
+/// largest (libdeflate's bound adds a few bytes per 5,000) fits, so a buffer
+/// serves either use without growing. Growing one would copy it into fresh
+/// pages, each a page fault.
+const CAPACITY: usize = BLOCK + BLOCK / 64;
+
 /// Most blocks in flight (queued, being compressed, or compressed and waiting
 /// for an earlier one): bounds memory to about 2 × WINDOW × BLOCK.
 const WINDOW: usize = 32;
@@ -68,16 +74,15 @@ struct Compressed {
 struct Buffers(Mutex<Vec<Vec<u8>>>);
 
 impl Buffers {
-    /// An empty buffer with room for at least `capacity` bytes.
-    fn take(&self, capacity: usize) -> Vec<u8> {
+    /// An empty buffer of [`CAPACITY`].
+    fn take(&self) -> Vec<u8> {
         let reused = self.0.lock().ok().and_then(|mut free| free.pop());
         match reused {
             Some(mut buf) => {
                 buf.clear();
-                buf.reserve(capacity);
                 buf
             }
-            None => Vec::with_capacity(capacity),
+            None => Vec::with_capacity(CAPACITY),
         }
     }
 
@@ -133,7 +138,7 @@ impl<W: Write + Send + 'static> GzWriter<W> {
             std::thread::spawn(move || write_in_order(inner, results, credit, &buffers))
         };
         Ok(GzWriter {
-            current: Vec::with_capacity(BLOCK),
+            current: Vec::with_capacity(CAPACITY),
             level,
             sent: 0,
             written: 0,
@@ -239,7 +244,7 @@ fn gzip_member(
     buffers: &Buffers,
 ) -> io::Result<Vec<u8>> {
     let bound = compressor.gzip_compress_bound(block.len());
-    let mut out = buffers.take(bound);
+    let mut out = buffers.take();
     out.resize(bound, 0);
     // The bound always suffices, so libdeflate never reports a short buffer.
     let len = compressor
@@ -284,7 +289,7 @@ impl<W: Write + Send + 'static> Write for GzWriter<W> {
         let n = buf.len().min(BLOCK - self.current.len());
         self.current.extend_from_slice(&buf[..n]);
         if self.current.len() == BLOCK {
-            let next = self.buffers.take(BLOCK);
+            let next = self.buffers.take();
             let full = std::mem::replace(&mut self.current, next);
             self.send(full, false)?;
         }
@@ -368,6 +373,16 @@ mod tests {
         assert_eq!(gzip(&data, 1000), expected);
         // mtime 0, XFL 4 (fastest), OS 255 (unknown).
         assert_eq!(expected[..10], [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 255]);
+    }
+
+    /// A block's member never outgrows a pooled buffer, at any level.
+    #[test]
+    fn every_level_fits_a_block_in_one_buffer() {
+        for level in 0..=12 {
+            let level = libdeflater::CompressionLvl::new(level).unwrap();
+            let bound = libdeflater::Compressor::new(level).gzip_compress_bound(BLOCK);
+            assert!(bound <= CAPACITY, "{bound} > {CAPACITY}");
+        }
     }
 
     /// Producers on every rayon worker, each blocking on a full queue, must not
