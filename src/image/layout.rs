@@ -5,10 +5,11 @@
 //! - Blobs are copied into a temp file next to their destination, hashed while
 //!   copying and checked against their name. The exception is a blob staged in
 //!   the same publication (a layer just built): it was hashed as it was
-//!   written, moments ago, by this process, so the kernel copies it
-//!   (`copy_file_range`) and only its size is checked. A blob already present
-//!   is left alone (its name is its content; a damaged one is what
-//!   [`verify_oci_layout`] reports).
+//!   written, moments ago, by this process. On the store's filesystem it
+//!   becomes a hard link to the store's copy (see [`links_to_store`]);
+//!   elsewhere the kernel copies it (`copy_file_range`) and only its size is
+//!   checked. A blob already present is left alone (its name is its content; a
+//!   damaged one is what [`verify_oci_layout`] reports).
 //! - `index.json` is written canonically, replacing the old one atomically, so a
 //!   reader sees the old or the new layout, never a half-written one. Entries
 //!   of other refs already in it are kept; entries with the refs being written
@@ -139,6 +140,21 @@ pub(super) fn blobs_dir(dir: &Path) -> PathBuf {
     dir.join("blobs/sha256")
 }
 
+/// Whether blobs built for a layout in `blobs_dir` are hard links to the
+/// store's copies rather than copies: when both are on one filesystem.
+///
+/// A layer just built is then written once, not twice. The layout's file and
+/// the store's layer cache are one inode, read-only (0444) like every blob:
+/// OCI tools never write a blob in place (they write new blobs under new
+/// names), and a blob damaged in place anyway is caught the next time the
+/// cache's copy is read, since a cached blob is always hashed while it is
+/// copied out (and `umoci`, `skopeo` and registries check digests too).
+pub(super) fn links_to_store(store: &Store, blobs_dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    dev(store.root()).is_some_and(|store| dev(blobs_dir) == Some(store))
+}
+
 /// Writes `images` into the OCI image layout at `dir` (created if absent),
 /// each named in `index.json` by its name.
 pub fn write_oci_layout(store: &Store, dir: &Path, images: &[AssembledImage]) -> Result<()> {
@@ -159,6 +175,7 @@ pub(super) fn stage_oci_layout(
     let blobs_dir = blobs_dir(dir);
     std::fs::create_dir_all(&blobs_dir).map_err(io_err("create directory", &blobs_dir))?;
     staged.lenient_dirs_under(dir.to_path_buf());
+    let link = links_to_store(store, &blobs_dir);
     for blob in all_blobs(images) {
         let dest = blobs_dir.join(&blob.digest);
         // Present, or written while its layer was built.
@@ -166,6 +183,10 @@ pub(super) fn stage_oci_layout(
             continue;
         }
         let from = store.oci_blob_path(&blob.digest);
+        if link && staged.is_staged(&from) {
+            staged.add_link(Step::Content, from, dest);
+            continue;
+        }
         let mut tmp = temp_in(&blobs_dir)?;
         match staged.reopen(&from) {
             Some(fresh) => {

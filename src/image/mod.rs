@@ -323,8 +323,9 @@ pub fn assemble(
 
 /// [`assemble`], then [`write_oci_layout`] of the images into `dir`, in one
 /// publication: the layout's fsyncs overlap the store's (three waits for the
-/// disk in all). Layers built now are written into the layout as they are
-/// compressed, the other blobs copied from the store.
+/// disk in all). Blobs built now are hard links to the store's copies on the
+/// store's filesystem ([`layout::links_to_store`]) and elsewhere written into
+/// the layout as they are compressed; the other blobs are copied from the store.
 pub fn assemble_into_layout(
     store: &Store,
     images: &[ImageSpec],
@@ -338,6 +339,7 @@ pub fn assemble_into_layout(
     let created: Vec<&std::path::Path> = blobs.ancestors().take_while(|d| !d.exists()).collect();
     // If the layout cannot be created, stage_oci_layout says so below.
     let copy_to = std::fs::create_dir_all(&blobs).is_ok().then_some(blobs.as_path());
+    let copy_to = copy_to.filter(|blobs| !layout::links_to_store(store, blobs));
     let assembled = match assemble_staged(store, images, options, &staged, copy_to) {
         Ok(assembled) => assembled,
         Err(e) => {

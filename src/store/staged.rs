@@ -15,6 +15,13 @@
 //! renamed in its step, but neither it nor its directory is fsynced: after a
 //! power loss it may be missing or torn, which its readers treat as absent.
 //!
+//! A link staged with [`Staged::add_link`] gives a second name to a file
+//! published in the same step (or already in place): it is made after that
+//! step's renames and its directory is synced with theirs. The inode's data
+//! was synced in step 1, so the new name is as durable as a copy would be.
+//! Where the filesystem refuses the link (another filesystem, a hard-link
+//! limit), the file is copied instead, and the copy synced before it is renamed.
+//!
 //! Invariants: a name appears only with complete content (rename of a synced
 //! temp file), and a `Names` file (a layer key, an image record, `index.json`)
 //! becomes durable only after every `Content` file it may refer to is durable
@@ -78,9 +85,16 @@ fn start_sync(tmp: &tempfile::NamedTempFile) -> Syncing {
     Syncing::Started(handle)
 }
 
+/// A second name for a file: see [`Staged::add_link`].
+struct StagedLink {
+    from: PathBuf,
+    dest: PathBuf,
+}
+
 #[derive(Default)]
 struct StepFiles {
     files: Vec<StagedFile>,
+    links: Vec<StagedLink>,
     /// Directories to fsync besides the destinations' parents.
     dirs: BTreeSet<PathBuf>,
 }
@@ -116,6 +130,15 @@ impl Staged {
         lock(&self.steps)[step as usize].files.push(file);
     }
 
+    /// Stages `dest` to become a hard link to `from` in `step`, after the
+    /// step's files are renamed: `from` is a file staged in the same step or
+    /// one already durable under its name. An existing `dest` is kept (the
+    /// name is a hash of the content); where no link can be made, `from` is
+    /// copied and the copy synced.
+    pub fn add_link(&self, step: Step, from: PathBuf, dest: PathBuf) {
+        lock(&self.steps)[step as usize].links.push(StagedLink { from, dest });
+    }
+
     /// Also fsyncs `dir` in `step` (e.g. the parent of a directory just created).
     pub fn sync_dir(&self, step: Step, dir: PathBuf) {
         lock(&self.steps)[step as usize].dirs.insert(dir);
@@ -128,9 +151,11 @@ impl Staged {
         lock(&self.lenient).push(root);
     }
 
-    /// Whether a file is staged to become `dest`.
+    /// Whether a file or a link is staged to become `dest`.
     pub fn is_staged(&self, dest: &Path) -> bool {
-        lock(&self.steps).iter().flat_map(|s| &s.files).any(|f| f.dest == dest)
+        let steps = lock(&self.steps);
+        steps.iter().flat_map(|s| &s.files).any(|f| f.dest == dest)
+            || steps.iter().flat_map(|s| &s.links).any(|l| l.dest == dest)
     }
 
     /// The content staged to become `dest`, read from its temp file, if any.
@@ -183,9 +208,38 @@ impl Staged {
                     dirs.insert(parent.to_path_buf());
                 }
             }
+            for link in step.links {
+                if let Some(parent) = link.dest.parent() {
+                    dirs.insert(parent.to_path_buf());
+                }
+                link_or_copy(&link.from, &link.dest)?;
+            }
             sync_dirs(&dirs, &lenient)?;
         }
         Ok(())
+    }
+}
+
+/// Makes `dest` a hard link to `from`, keeping an existing `dest`; where the
+/// filesystem refuses, a synced copy of `from` (mode included) renamed to `dest`.
+fn link_or_copy(from: &Path, dest: &Path) -> Result<()> {
+    match std::fs::hard_link(from, dest) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e).ctx("link", from),
+        Err(_) => {}
+    }
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".pkg")
+        .tempfile_in(dir)
+        .ctx("create a temp file in", dir)?;
+    std::fs::copy(from, tmp.path()).ctx("copy", from)?;
+    tmp.as_file().sync_all().ctx("sync", tmp.path())?;
+    match tmp.persist_noclobber(dest) {
+        Ok(_) => Ok(()),
+        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e.error).ctx("rename a temp file to", dest),
     }
 }
 
@@ -287,6 +341,50 @@ mod tests {
         staged.add_unsynced(Step::Names, temp_with(dir.path(), b"new"), key.clone());
         staged.publish().unwrap();
         assert_eq!(std::fs::read(&key).unwrap(), b"new");
+    }
+
+    #[test]
+    fn links_name_the_published_file_and_keep_existing_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blob, link, kept) =
+            (dir.path().join("blob"), dir.path().join("link"), dir.path().join("kept"));
+        std::fs::write(&kept, b"first").unwrap();
+        let staged = Staged::new();
+        staged.add(Step::Content, temp_with(dir.path(), b"blob"), blob.clone(), Existing::Keep);
+        staged.add_link(Step::Content, blob.clone(), link.clone());
+        staged.add_link(Step::Content, blob.clone(), kept.clone());
+        assert!(staged.is_staged(&link));
+        staged.publish().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(ino(&link), ino(&blob));
+        assert_eq!(std::fs::read(&kept).unwrap(), b"first");
+    }
+
+    #[test]
+    fn a_refused_link_becomes_a_copy() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // A tmpfs and the temp directory's filesystem: no link between them.
+        let shm = tempfile::tempdir_in("/dev/shm").expect("a tmpfs at /dev/shm");
+        let dir = tempfile::tempdir().unwrap();
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        assert_ne!(dev(shm.path()), dev(dir.path()), "/dev/shm must be another filesystem");
+        let from = shm.path().join("from");
+        std::fs::write(&from, b"bytes").unwrap();
+        std::fs::set_permissions(&from, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let copy = dir.path().join("copy");
+        let staged = Staged::new();
+        staged.add_link(Step::Content, from.clone(), copy.clone());
+        staged.publish().unwrap();
+        assert_eq!(std::fs::read(&copy).unwrap(), b"bytes");
+        assert_eq!(std::fs::metadata(&copy).unwrap().mode() & 0o777, 0o444);
+        // Only the copy is left: no temp file.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A link to nothing is an error, not an empty file.
+        let staged = Staged::new();
+        staged.add_link(Step::Content, dir.path().join("absent"), dir.path().join("y"));
+        assert!(staged.publish().is_err());
+        assert!(!dir.path().join("y").exists());
     }
 
     #[test]

@@ -346,8 +346,9 @@ fn image_layer_tars_are_canonical() {
 }
 
 /// `assemble_into_layout` writes the same layout as `assemble` then
-/// `write_oci_layout` (layers built now are written into it as they are
-/// compressed), and a failed assembly leaves no layout directory behind.
+/// `write_oci_layout` (blobs built now are hard links to the store's on its
+/// filesystem, written as they are compressed elsewhere), and a failed
+/// assembly leaves no layout directory behind.
 #[test]
 fn assemble_into_layout_matches_write_oci_layout() {
     let ctx = TestContext::new();
@@ -368,6 +369,39 @@ fn assemble_into_layout_matches_write_oci_layout() {
         image::assemble_into_layout(&store, &specs, &AssembleOptions::default(), &again).unwrap();
     assert_eq!(stats.layers_cached, 2);
     assert_eq!(read_all(&again), read_all(&other));
+    // Built now, on the store's filesystem: every blob is the store's inode;
+    // from the cache: copies.
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let blobs = images[0].blobs();
+    assert_eq!(blobs.len(), 4);
+    for blob in &blobs {
+        let stored = inode(&store.oci_blob_path(&blob.digest));
+        assert_eq!(inode(&layout.join("blobs/sha256").join(&blob.digest)), stored);
+        assert_ne!(inode(&again.join("blobs/sha256").join(&blob.digest)), stored);
+    }
+    // On another filesystem, layers built now are written into the layout.
+    std::fs::remove_dir_all(store.root().join("layers")).unwrap();
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a tmpfs at /dev/shm");
+    let elsewhere = shm.path().join("layout");
+    let (_, stats) =
+        image::assemble_into_layout(&store, &specs, &AssembleOptions::default(), &elsewhere)
+            .unwrap();
+    assert_eq!(stats.layers_built, 2);
+    assert_eq!(read_all(&elsewhere), read_all(&other));
+    // A linked blob damaged in place (no OCI tool does that) is caught the
+    // next time the cache's copy is read.
+    std::fs::remove_dir_all(store.root().join("layers")).unwrap();
+    let linked = ctx.root().join("linked");
+    image::assemble_into_layout(&store, &specs, &AssembleOptions::default(), &linked).unwrap();
+    let layer = linked.join("blobs/sha256").join(&images[0].platforms[0].layers[1].blob.digest);
+    std::fs::set_permissions(&layer, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&layer).unwrap();
+    bytes[0] ^= 1;
+    let mut in_place = std::fs::OpenOptions::new().write(true).open(&layer).unwrap();
+    std::io::Write::write_all(&mut in_place, &bytes).unwrap();
+    let err = image::write_oci_layout(&store, &ctx.root().join("fresh"), &images).unwrap_err();
+    assert!(matches!(err, ImageError::CorruptBlob { .. }), "{err:?}");
 
     let a = package(&store, ctx.root(), "alpha", &[("etc/app.conf", "one", 0o644)]);
     let b = package(&store, ctx.root(), "beta", &[("etc/app.conf", "two", 0o644)]);
