@@ -408,7 +408,10 @@ pub fn prepare(
         stdout: StdioSource::Inherit,
         stderr: StdioSource::Inherit,
     };
-    spec.new_session = false;
+    // Only -t shares the caller's terminal as the workload's controlling
+    // terminal. Otherwise the workload has none: it could open it as
+    // /dev/tty and push input into the caller's shell (TIOCSTI).
+    spec.new_session = !options.tty;
     spec.own_process_group = !options.foreground;
     Ok(Prepared { spec, leases })
 }

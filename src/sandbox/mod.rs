@@ -131,8 +131,10 @@ pub struct SandboxSpec {
     pub stdio: Stdio,
     pub umask: u32,
     /// Run the workload in a new session without a controlling terminal
-    /// (builds). `false` keeps the caller's session and process group, so a
-    /// terminal passes through with job control (`pkg run`).
+    /// (builds, `pkg run` without `-t`), so it cannot reach the caller's
+    /// terminal through `/dev/tty`. `false` keeps the caller's session and
+    /// process group, so a terminal passes through with job control
+    /// (`pkg run -t`).
     pub new_session: bool,
     /// Put the launcher (and so the workload) in a process group of its own
     /// (`pkg run` without a terminal): a signal sent to the caller's whole

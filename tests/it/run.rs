@@ -382,6 +382,46 @@ rootless_test! {
     }
 }
 
+/// `pkg ARGS` run by `script`, on a terminal of its own: what the terminal shows.
+fn in_terminal(ctx: &TestContext, args: &[&str]) -> String {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut line = quote(env!("CARGO_BIN_EXE_pkg"));
+    for arg in args {
+        line.push(' ');
+        line.push_str(&quote(arg));
+    }
+    // pkg's environment, without its env_clear (Command cannot copy that).
+    let pkg = ctx.pkg();
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env_clear()
+        .envs(pkg.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .current_dir(ctx.root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script (util-linux's bsdutils)");
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).replace("\r\n", "\n")
+}
+
+rootless_test! {
+    /// Only -t gives the workload the caller's terminal: otherwise it has no
+    /// controlling terminal, so it cannot open /dev/tty to read the caller's
+    /// keystrokes or push input into the caller's shell (TIOCSTI).
+    fn only_tty_shares_the_callers_terminal() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let probe = "if (: </dev/tty) 2>/dev/null; then echo terminal; else echo none; fi; \
+                     cut -d' ' -f7 /proc/self/stat";
+        let shown = in_terminal(&ctx, &["run", &image, "sh", "-c", probe]);
+        assert_eq!(shown, "none\n0\n");
+        let shown = in_terminal(&ctx, &["run", "-i", &image, "sh", "-c", probe]);
+        assert_eq!(shown, "none\n0\n");
+        let shown = in_terminal(&ctx, &["run", "-t", &image, "sh", "-c", probe]);
+        assert!(shown.starts_with("terminal\n") && !shown.ends_with("\n0\n"), "{shown:?}");
+    }
+}
+
 rootless_test! {
     fn arm64_image_runs_through_qemu() {
         let ctx = TestContext::new();
