@@ -63,7 +63,7 @@ const CLOCK_MARGIN: Duration = Duration::from_secs(120);
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// One ingest's set of not yet durable objects; see the module docs.
-pub(crate) struct Batch {
+pub struct Batch {
     marker: PathBuf,
     /// Holds the marker's flock: a marker nobody locks is stale.
     _marker_lock: File,

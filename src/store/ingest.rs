@@ -209,12 +209,14 @@ impl Store {
     /// The reader is read on the calling thread (it need not be `Send`); chunks
     /// are compressed and written in parallel. Errors from reading are
     /// `io::Error`s; store errors travel inside them (`io::Error::other`), as
-    /// for [`Read`]-shaped code elsewhere. Hold a [`Pin`](super::Pin) until a
-    /// ref names a tree holding the file.
+    /// for [`Read`]-shaped code elsewhere. The chunks are durable once `batch`
+    /// finishes; hold a [`Pin`](super::Pin) until a ref names a tree holding
+    /// the file.
     pub fn ingest_reader(
         &self,
         reader: impl Read,
         permissions: Permissions,
+        batch: &Batch,
     ) -> std::io::Result<FileNode> {
         let mut chunker = Chunker::new(reader);
         let mut chunks = Vec::new();
@@ -228,7 +230,7 @@ impl Store {
                 .par_iter()
                 .map(|range| {
                     let data = &block.data[range.clone()];
-                    let digest = self.put_blob(data)?;
+                    let digest = self.put_blob_in(data, Some(batch))?;
                     Ok(Chunk { digest, size: data.len() as u32 })
                 })
                 .collect::<Result<Vec<_>>>()

@@ -53,6 +53,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+pub use batch::Batch;
 pub use checkout::{CheckoutLease, remove_checkout};
 pub use ingest::Exclude;
 pub(crate) use layers::is_sha256_hex;
@@ -303,7 +304,7 @@ impl Store {
     }
 
     /// [`Store::put_tree`], durable now or, with a batch, when the batch finishes.
-    fn put_tree_in(&self, tree: &Tree, batch: Option<&batch::Batch>) -> Result<Digest> {
+    pub fn put_tree_in(&self, tree: &Tree, batch: Option<&batch::Batch>) -> Result<Digest> {
         let bytes = tree.encode();
         let digest = Digest::of(&bytes);
         let path = self.object_path(ObjectKind::Tree, &digest);

@@ -330,6 +330,10 @@ fn layers_in_every_compression_import_to_the_same_trees() {
         assert!(!imported.cached);
         assert_eq!(imported.platform, amd64());
         assert!(imported.warnings.is_empty(), "{:?}", imported.warnings);
+        // Written as one batch, durable before the import returns: no
+        // unsynced marker is left for recovery.
+        let markers = std::fs::read_dir(store.root().join("unsynced")).unwrap().count();
+        assert_eq!(markers, 0);
         results.push(imported.layers);
     }
     assert_eq!(results[0], results[1]);

@@ -28,7 +28,7 @@ use std::io::Read;
 use super::ImportError;
 use crate::digest::Digest;
 use crate::store::{
-    DirNode, Node, PathComponent, Permissions, Store, StoreError, SymlinkTarget, Tree,
+    Batch, DirNode, Node, PathComponent, Permissions, Store, StoreError, SymlinkTarget, Tree,
 };
 
 const WHITEOUT: &[u8] = b".wh.";
@@ -92,9 +92,14 @@ impl Deletions {
 
     /// `tree` with every deleted path removed (whole subtrees; an opaque
     /// directory loses its entry too, as the layer holding the marker has it).
-    pub fn remove_from(&self, store: &Store, tree: &Digest) -> Result<Digest, StoreError> {
+    pub fn remove_from(
+        &self,
+        store: &Store,
+        batch: &Batch,
+        tree: &Digest,
+    ) -> Result<Digest, StoreError> {
         if self.kind.is_some() {
-            return store.put_tree(&Tree::new());
+            return store.put_tree_in(&Tree::new(), Some(batch));
         }
         let mut current = store.read_tree(tree)?;
         let mut changed = false;
@@ -102,14 +107,14 @@ impl Deletions {
             if sub.kind.is_some() {
                 changed |= current.entries.remove(name).is_some();
             } else if let Some(Node::Dir(dir)) = current.entries.get_mut(name) {
-                let digest = sub.remove_from(store, &dir.digest)?;
+                let digest = sub.remove_from(store, batch, &dir.digest)?;
                 if digest != dir.digest {
                     dir.digest = digest;
                     changed = true;
                 }
             }
         }
-        if changed { store.put_tree(&current) } else { Ok(*tree) }
+        if changed { store.put_tree_in(&current, Some(batch)) } else { Ok(*tree) }
     }
 }
 
@@ -299,9 +304,11 @@ fn read_error(layer: &str, e: std::io::Error) -> ImportError {
 }
 
 /// Applies the layer tar read from `tar` over `lower` (base first); `layer`
-/// names it in messages. Reads up to the tar's end-of-archive marker.
+/// names it in messages. Reads up to the tar's end-of-archive marker. What
+/// it stores is durable once `batch` finishes.
 pub fn apply(
     store: &Store,
+    batch: &Batch,
     lower: &[Digest],
     layer: &str,
     tar: impl Read,
@@ -372,7 +379,7 @@ pub fn apply(
                 let permissions =
                     Permissions::new(bits).map_err(|e| invalid(&path, e.to_string()))?;
                 let file = store
-                    .ingest_reader(&mut entry, permissions)
+                    .ingest_reader(&mut entry, permissions, batch)
                     .map_err(|e| read_error(layer, e))?;
                 Node::File(file)
             }
@@ -423,7 +430,7 @@ pub fn apply(
         root.dir_mut(parents).entries.insert(name.clone(), LayerNode::Leaf(node));
     }
     let mut path = Vec::new();
-    let tree = store_dir(store, root, &mut path, &deletions, &mut view)?;
+    let tree = store_dir((store, batch), root, &mut path, &deletions, &mut view)?;
     let warnings = [
         special.warning(
             "skipped",
@@ -443,7 +450,7 @@ pub fn apply(
 /// Stores `dir` (at `path`) children first; a directory created only as a
 /// parent takes the mode of the directory below, else 0755.
 fn store_dir(
-    store: &Store,
+    (store, batch): (&Store, &Batch),
     dir: LayerDir,
     path: &mut Vec<PathComponent>,
     deletions: &Deletions,
@@ -459,14 +466,14 @@ fn store_dir(
                     Some(p) => p,
                     None => lower_dir_mode(path, deletions, view)?,
                 };
-                let digest = store_dir(store, sub, path, deletions, view)?;
+                let digest = store_dir((store, batch), sub, path, deletions, view)?;
                 Node::Dir(DirNode { digest, permissions })
             }
         };
         path.pop();
         tree.insert(name, node);
     }
-    Ok(store.put_tree(&tree)?)
+    Ok(store.put_tree_in(&tree, Some(batch))?)
 }
 
 fn lower_dir_mode(

@@ -56,7 +56,7 @@ use serde::Deserialize;
 use super::BlobRef;
 use crate::digest::Digest;
 use crate::platform::Platform;
-use crate::store::{ImportRecord, ObjectKind, Store, StoreError};
+use crate::store::{Batch, ImportRecord, ObjectKind, Store, StoreError};
 use source::{HashingReader, Sha256, Source, drain};
 
 /// Format tag of the metadata kept in an import record.
@@ -485,6 +485,9 @@ pub fn import(store: &Store, request: &ImportRequest<'_>) -> Result<Imported, Im
             diff_ids: config.rootfs.diff_ids.len(),
         });
     }
+    // Layer contents are written unsynced and made durable together before
+    // the record names them (see `store::batch`).
+    let batch = Batch::begin(store)?;
     let stored = store.put_oci_blob(&config_bytes)?;
     let config_ref = BlobRef { digest: stored.digest, size: stored.size };
     let mut stack: Vec<Digest> = Vec::new();
@@ -500,13 +503,13 @@ pub fn import(store: &Store, request: &ImportRequest<'_>) -> Result<Imported, Im
             }
         })?;
         let blob = source.open_blob(&digest, descriptor.size)?;
-        let applied = apply_blob(store, &stack, blob, compression, &diff_id)?;
+        let applied = apply_blob(store, &batch, &stack, blob, compression, &diff_id)?;
         if applied.deletions.clears_root() {
-            let empty = store.put_tree(&crate::store::Tree::new())?;
+            let empty = store.put_tree_in(&crate::store::Tree::new(), Some(&batch))?;
             stack.iter_mut().for_each(|t| *t = empty);
         } else if !applied.deletions.is_empty() {
             for tree in &mut stack {
-                *tree = applied.deletions.remove_from(store, tree)?;
+                *tree = applied.deletions.remove_from(store, &batch, tree)?;
             }
         }
         stack.push(applied.tree);
@@ -514,8 +517,9 @@ pub fn import(store: &Store, request: &ImportRequest<'_>) -> Result<Imported, Im
     }
     if stack.is_empty() {
         // A runnable stack needs one lower dir; an image without layers is empty.
-        stack.push(store.put_tree(&crate::store::Tree::new())?);
+        stack.push(store.put_tree_in(&crate::store::Tree::new(), Some(&batch))?);
     }
+    batch.finish()?;
     let metadata = RecordMetadata {
         format: RECORD_FORMAT.to_string(),
         layers: stack.iter().map(Digest::to_string).collect(),
@@ -606,6 +610,7 @@ fn layer_compression(media_type: &str) -> Option<LayerCompression> {
 /// it is the cause.
 fn apply_blob(
     store: &Store,
+    batch: &Batch,
     lower: &[Digest],
     mut blob: source::Blob,
     compression: LayerCompression,
@@ -614,12 +619,12 @@ fn apply_blob(
     let layer = blob.digest.to_string();
     let raw = &mut blob.reader;
     let applied = match compression {
-        LayerCompression::None => apply_tar(store, lower, &layer, raw),
+        LayerCompression::None => apply_tar(store, batch, lower, &layer, raw),
         LayerCompression::Gzip => {
-            apply_tar(store, lower, &layer, flate2::read::MultiGzDecoder::new(raw))
+            apply_tar(store, batch, lower, &layer, flate2::read::MultiGzDecoder::new(raw))
         }
         LayerCompression::Zstd => match zstd::stream::read::Decoder::new(raw) {
-            Ok(decoder) => apply_tar(store, lower, &layer, decoder),
+            Ok(decoder) => apply_tar(store, batch, lower, &layer, decoder),
             Err(source) => Err(ImportError::Layer { layer: layer.clone(), source }),
         },
     };
@@ -637,12 +642,13 @@ fn apply_blob(
 /// Applies the tar read from `reader` and returns it with the tar's sha256.
 fn apply_tar(
     store: &Store,
+    batch: &Batch,
     lower: &[Digest],
     layer: &str,
     reader: impl Read,
 ) -> Result<(apply::AppliedLayer, String), ImportError> {
     let mut tar = HashingReader::new(reader);
-    let applied = apply::apply(store, lower, layer, &mut tar)?;
+    let applied = apply::apply(store, batch, lower, layer, &mut tar)?;
     drain(&mut tar).map_err(|source| ImportError::Layer { layer: layer.to_string(), source })?;
     Ok((applied, tar.finish().0))
 }
