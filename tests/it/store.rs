@@ -739,6 +739,13 @@ fn shared_checkouts_keep_exact_modes_and_survive_gc_while_leased() {
     assert_eq!(mode(&lease.path().join("conf")), 0o644);
     assert_eq!(mode(&lease.path().join("tmp")), 0o1777);
     assert_eq!(mode(lease.path()), 0o755);
+    // Its new cached file got its name (the same inode), and no temp file is left.
+    let cached: Vec<_> = walk_files(&store.root().join("checkouts/files"));
+    assert_eq!(cached.len(), 1);
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(&cached[0]), ino(&lease.path().join("conf")));
+    assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
     // No ref keeps the tree, but a run holds the checkout: gc leaves it.
     let report = store.gc(false).unwrap();
     assert_eq!(report.checkouts, 0);
@@ -749,4 +756,18 @@ fn shared_checkouts_keep_exact_modes_and_survive_gc_while_leased() {
     assert_eq!(report.checkouts, 1);
     assert!(!path.exists());
     assert_eq!(report.cached_files, 1, "the checkout's cached file went with it");
+}
+
+/// Every regular file below `dir`, sorted.
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() { dirs.push(path) } else { files.push(path) }
+        }
+    }
+    files.sort();
+    files
 }
