@@ -19,7 +19,9 @@ use super::channel::LauncherEnd;
 use super::fuse;
 use super::launcher::{self, Launch, launcher_signals};
 use super::plan::{HostSource, Plan, SourceKind, Step, run_steps};
-use super::sys::{CStringArray, Forked, ReceivedSignal, SysResult, Syscall};
+use super::sys::{
+    CStringArray, Forked, Ready, ReceivedSignal, SysResult, Syscall, TerminalMode, Watch,
+};
 use super::*;
 
 /// Records every call as one line of text; scripted answers for the calls
@@ -32,6 +34,12 @@ struct Recorder {
     signals: RefCell<VecDeque<ReceivedSignal>>,
     waits: RefCell<VecDeque<Option<(i32, c_int)>>>,
     exec_errors: Vec<(&'static str, Errno)>,
+    /// Scripted `read` failures, by descriptor (taken before `reads`).
+    read_errors: RefCell<VecDeque<(RawFd, Errno)>>,
+    /// Scripted `poll` answers: the descriptors ready, each with its bits.
+    polls: RefCell<VecDeque<Vec<(RawFd, Ready)>>>,
+    /// What `window_size` answers.
+    size: WindowSize,
 }
 
 /// What `Recorder::exit` unwinds with, standing in for the end of a process.
@@ -155,6 +163,38 @@ impl Syscall for Recorder {
         let path = text(path);
         self.exec_errors.iter().find(|(p, _)| *p == path).map_or(Errno::ENOENT, |(_, e)| *e)
     }
+    fn open_terminal(&self, ptmx: &CStr, size: WindowSize) -> SysResult<(RawFd, RawFd)> {
+        self.record(format!("open_terminal {} {}x{}", text(ptmx), size.rows, size.cols))?;
+        Ok((20, 21))
+    }
+    fn set_controlling_terminal(&self, fd: RawFd) -> SysResult<()> {
+        self.record(format!("controlling_terminal {fd}"))
+    }
+    fn window_size(&self, fd: RawFd) -> SysResult<WindowSize> {
+        self.record(format!("window_size {fd}"))?;
+        Ok(self.size)
+    }
+    fn set_window_size(&self, fd: RawFd, size: WindowSize) -> SysResult<()> {
+        self.record(format!("set_window_size {fd} {}x{}", size.rows, size.cols))
+    }
+    fn make_raw(&self, fd: RawFd) -> SysResult<TerminalMode> {
+        self.record(format!("make_raw {fd}"))?;
+        Ok(TerminalMode::zeroed())
+    }
+    fn set_terminal_mode(&self, fd: RawFd, _mode: &TerminalMode) -> SysResult<()> {
+        self.record(format!("restore_mode {fd}"))
+    }
+    fn poll(&self, watches: &mut [Watch]) -> SysResult<()> {
+        let asked: Vec<String> =
+            watches.iter().map(|w| format!("{}:{}", w.fd, events(w.events))).collect();
+        self.record(format!("poll {}", asked.join(" ")))?;
+        let ready = self.polls.borrow_mut().pop_front().expect("scripted poll");
+        for watch in watches.iter_mut() {
+            watch.ready =
+                ready.iter().find(|(fd, _)| *fd == watch.fd).map_or(Ready::NONE, |(_, r)| *r);
+        }
+        Ok(())
+    }
     fn clone_process(&self, flags: CloneFlags) -> SysResult<Forked> {
         self.record(format!("clone {flags:?}"))?;
         Ok(Forked::Parent { child: Pid::from_raw(2) })
@@ -167,6 +207,21 @@ impl Syscall for Recorder {
         // Real descriptors, so the launcher may turn them into raw ones.
         nix::unistd::pipe()
     }
+    fn socket_pair(&self) -> SysResult<(OwnedFd, OwnedFd)> {
+        self.record("socket_pair".into())?;
+        nix::unistd::pipe()
+    }
+    fn send_with_fd(&self, socket: RawFd, buf: &[u8], fd: RawFd) -> SysResult<usize> {
+        self.record(format!("send {socket} {buf:?} with fd {fd}"))?;
+        Ok(buf.len())
+    }
+    fn receive_with_fd(
+        &self,
+        socket: RawFd,
+        buf: &mut [u8],
+    ) -> SysResult<(usize, Option<OwnedFd>)> {
+        Ok((self.read(socket, buf)?, None))
+    }
     fn close(&self, fd: RawFd) {
         let _ = self.record(format!("close {fd}"));
     }
@@ -175,6 +230,10 @@ impl Syscall for Recorder {
     }
     fn read(&self, fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
         self.record(format!("read {fd}"))?;
+        let mut errors = self.read_errors.borrow_mut();
+        if let Some(i) = errors.iter().position(|(f, _)| *f == fd) {
+            return Err(errors.remove(i).expect("present").1);
+        }
         let data = self.reads.borrow_mut().pop_front().unwrap_or_default();
         buf[..data.len()].copy_from_slice(&data);
         Ok(data.len())
@@ -211,6 +270,16 @@ impl Syscall for Recorder {
         let _ = self.record(format!("exit {code}"));
         std::panic::panic_any(Exited(code))
     }
+}
+
+/// `IN|OUT` for a watch's events.
+fn events(ready: Ready) -> String {
+    let names: Vec<&str> = [(Ready::IN, "IN"), (Ready::OUT, "OUT")]
+        .into_iter()
+        .filter(|(bit, _)| ready.any(*bit))
+        .map(|(_, name)| name)
+        .collect();
+    names.join("|")
 }
 
 fn fake_kinds(path: &Path) -> std::io::Result<HostSource> {
@@ -487,7 +556,7 @@ fn workload_switches_user_then_redirects_stdio_then_resets_signals() {
     spec.new_session = true;
     let p = plan(&spec);
     let sys = Recorder::default();
-    launcher::prepare_workload(&sys, &p.exec, [Some(10), None, Some(12)]).unwrap();
+    launcher::prepare_workload(&sys, &p.exec, [Some(10), None, Some(12)], None).unwrap();
     assert_eq!(
         sys.calls(),
         [
@@ -510,6 +579,7 @@ fn run_launcher(sys: &Recorder, plan: &Plan) -> c_int {
         stdio: [Some(10), None, Some(12)],
         setup_only: false,
         signals: &signals,
+        terminal: None,
     };
     let result = catch_unwind(AssertUnwindSafe(|| launcher::launcher_main(sys, &launch)));
     match result {
