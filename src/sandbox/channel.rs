@@ -282,6 +282,8 @@ mod tests {
             Report::Started,
             Report::SetupFailed { step: LaunchStep::Plan(7), errno: Errno::EPERM },
             Report::SetupFailed { step: LaunchStep::SwitchUser, errno: Errno::EINVAL },
+            Report::SetupFailed { step: LaunchStep::OpenTerminal, errno: Errno::ENOSPC },
+            Report::SetupFailed { step: LaunchStep::ControllingTerminal, errno: Errno::EPERM },
             Report::ExecFailed { errno: Errno::ENOENT },
             Report::Exited { wait_status: 0x0300 },
         ] {
