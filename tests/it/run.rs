@@ -394,9 +394,9 @@ fn pkg_line(args: &[&str]) -> String {
 }
 
 /// `script` runs the sh command `line` on a terminal of its own, fed
-/// `input` (each chunk after waiting its milliseconds), then EOF: the exit
-/// code of `line` and what the terminal shows, carriage returns removed.
-fn on_terminal(ctx: &TestContext, line: &str, input: &[(u64, &[u8])]) -> (i32, String) {
+/// `input` (each chunk once its file exists, if it names one), then EOF: the
+/// exit code of `line` and what the terminal shows, carriage returns removed.
+fn on_terminal(ctx: &TestContext, line: &str, input: &[(Option<&Path>, &[u8])]) -> (i32, String) {
     // pkg's environment, without its env_clear (Command cannot copy that).
     let pkg = ctx.pkg();
     let mut child = Command::new("script")
@@ -410,17 +410,29 @@ fn on_terminal(ctx: &TestContext, line: &str, input: &[(u64, &[u8])]) -> (i32, S
         .spawn()
         .expect("run script (util-linux's bsdutils)");
     let mut stdin = child.stdin.take().unwrap();
-    let chunks: Vec<(u64, Vec<u8>)> = input.iter().map(|(ms, b)| (*ms, b.to_vec())).collect();
+    let chunks: Vec<(Option<PathBuf>, Vec<u8>)> =
+        input.iter().map(|(file, b)| (file.map(Path::to_path_buf), b.to_vec())).collect();
     let feeder = std::thread::spawn(move || {
         use std::io::Write;
-        for (ms, bytes) in chunks {
-            std::thread::sleep(Duration::from_millis(ms));
+        for (file, bytes) in chunks {
+            if let Some(file) = file {
+                wait_for_file(&file);
+            }
             let _ = stdin.write_all(&bytes);
         }
     });
     let out = child.wait_with_output().unwrap();
     feeder.join().unwrap();
     (out.status.code().unwrap_or(-1), stdout(&out).replace('\r', ""))
+}
+
+/// Waits (bounded) for `file` to exist.
+fn wait_for_file(file: &Path) {
+    let start = Instant::now();
+    while !file.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{} never appeared", file.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `pkg ARGS` run by `script`, on a terminal of its own: what the terminal shows.
@@ -518,17 +530,24 @@ rootless_test! {
             )
         };
         let read = pkg_line(&["run", "-it", &image, "sh", "-c", "read line; echo \"got $line\"; exit 4"]);
-        let (code, shown) = on_terminal(&ctx, &restored(read), &[(0, b"hello\n")]);
+        // Typed before pkg switches to raw mode: still forwarded.
+        let (code, shown) = on_terminal(&ctx, &restored(read), &[(None, b"hello\n")]);
         assert_eq!(code, 4, "{shown}");
         assert!(shown.contains("got hello\n") && shown.ends_with("restored\n"), "{shown:?}");
         // What raw mode passes on unchanged: a line without ICRNL's help.
         let head = pkg_line(&["run", "-it", &image, "head", "-n1"]);
-        let (code, shown) = on_terminal(&ctx, &head, &[(0, b"one line\n")]);
+        let (code, shown) = on_terminal(&ctx, &head, &[(None, b"one line\n")]);
         assert_eq!(code, 0, "{shown}");
         assert!(shown.contains("one line\n"), "{shown:?}");
-        let script = "trap 'echo trapped' INT; echo ready; sleep 10; echo \"sleep: $?\"";
-        let interrupted = pkg_line(&["run", "-it", &image, "sh", "-c", script]);
-        let (code, shown) = on_terminal(&ctx, &restored(interrupted), &[(2000, b"\x03")]);
+        let sync = ctx.root().join("sync");
+        std::fs::create_dir(&sync).unwrap();
+        let volume = format!("{}:/sync", sync.display());
+        // The subshell (traps reset) is interrupted wherever the byte finds it.
+        let script =
+            "trap 'echo trapped' INT; (touch /sync/ready; exec sleep 10); echo \"sleep: $?\"";
+        let interrupted = pkg_line(&["run", "-it", "-v", &volume, &image, "sh", "-c", script]);
+        let ready = sync.join("ready");
+        let (code, shown) = on_terminal(&ctx, &restored(interrupted), &[(Some(&ready), b"\x03")]);
         assert_eq!(code, 0, "{shown}");
         assert!(shown.contains("trapped\nsleep: 130\nrestored\n"), "{shown:?}");
     }
@@ -540,13 +559,18 @@ rootless_test! {
     fn tty_follows_the_callers_window_size() {
         let ctx = TestContext::new();
         let image = busybox_image(&ctx);
-        let script = "stty size; trap 'stty size; exit 0' WINCH; \
-                      i=0; while [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; echo timeout";
+        let sync = ctx.root().join("sync");
+        std::fs::create_dir(&sync).unwrap();
+        let volume = format!("{}:/sync", sync.display());
+        let script = "stty size; trap 'stty size; exit 0' WINCH; touch /sync/ready; \
+                      i=0; while [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; echo timeout";
         // In the background of a shell without job control stdin would be
         // /dev/null: it is the terminal explicitly.
         let line = format!(
-            "stty rows 20 cols 60; {} </dev/tty & sleep 2; stty rows 50 cols 120; wait $!",
-            pkg_line(&["run", "-t", &image, "sh", "-c", script])
+            "stty rows 20 cols 60; {} </dev/tty & \
+             while [ ! -e '{}' ]; do sleep 0.02; done; stty rows 50 cols 120; wait $!",
+            pkg_line(&["run", "-t", "-v", &volume, &image, "sh", "-c", script]),
+            sync.join("ready").display()
         );
         let (code, shown) = on_terminal(&ctx, &line, &[]);
         assert_eq!((code, shown.as_str()), (0, "20 60\n50 120\n"));
