@@ -499,14 +499,17 @@ rootless_test! {
             let (code, shown) = on_terminal(&ctx, &pkg_line(&["run", "-t", &image, "echo", "hi"]), &[]);
             assert_eq!((code, shown.as_str()), (0, "hi\n"));
         }
-        let (code, shown) = on_terminal(&ctx, &pkg_line(&["run", "-t", &image, "seq", "1", "5000"]), &[]);
+        // Through the sandbox's terminal, not passed through.
+        let seq = pkg_line(&["run", "-t", &image, "sh", "-c", "tty; seq 1 5000"]);
+        let (code, shown) = on_terminal(&ctx, &seq, &[]);
         assert_eq!(code, 0, "{shown}");
-        let expected: Vec<String> = (1..=5000).map(|i| i.to_string()).collect();
+        let expected: Vec<String> =
+            std::iter::once("/dev/pts/0".to_string()).chain((1..=5000).map(|i| i.to_string())).collect();
         assert_eq!(shown.lines().collect::<Vec<_>>(), expected);
         let (code, shown) = on_terminal(&ctx, &pkg_line(&["run", "-t", &image, "seq", "1", "2000"]), &[]);
         assert_eq!((code, shown.lines().last()), (0, Some("2000")));
         let exit = |script: &str| on_terminal(&ctx, &pkg_line(&["run", "-t", &image, "sh", "-c", script]), &[]);
-        assert_eq!(exit("echo out; exit 3"), (3, "out\n".into()));
+        assert_eq!(exit("tty; exit 3"), (3, "/dev/pts/0\n".into()));
         assert_eq!(exit("kill -KILL $$").0, 128 + 9);
         // Failures before the workload runs keep their codes.
         let (code, shown) = on_terminal(&ctx, &pkg_line(&["run", "-t", "--entrypoint", "/nope", &image]), &[]);
