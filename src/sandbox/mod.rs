@@ -440,7 +440,7 @@ impl Sandbox {
         self
     }
 
-    /// Runs `spec` to completion.
+    /// Runs `spec` to completion (relaying its terminal, if it has one).
     pub fn run(&self, spec: &SandboxSpec) -> Result<ExitStatus, SandboxError> {
         self.spawn(spec)?.wait()
     }
@@ -448,7 +448,8 @@ impl Sandbox {
     /// [`Sandbox::run`], forwarding the caller's SIGINT, SIGTERM, SIGHUP,
     /// SIGQUIT, SIGUSR1 and SIGUSR2 to the workload from before the sandbox
     /// starts until it has ended (what `pkg run` does, like `docker run`'s
-    /// signal proxy; see [`sys::forward`]).
+    /// signal proxy; see [`sys::forward`]), and relaying its terminal, if it
+    /// has one, until the workload's side of it is closed.
     pub fn run_forwarding(&self, spec: &SandboxSpec) -> Result<ExitStatus, SandboxError> {
         use nix::sys::wait::{Id, WaitPidFlag, waitid};
         // In the caller's process group, the terminal's signals reach the
@@ -477,7 +478,9 @@ impl Sandbox {
     }
 
     /// Starts `spec` and returns once the workload has been exec'd. The
-    /// sandbox is killed when the calling thread exits.
+    /// sandbox is killed when the calling thread exits. A
+    /// [`SandboxSpec::terminal`] is relayed by [`Running::wait`]: until
+    /// then, a workload that fills its terminal waits.
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<Running, SandboxError> {
         let plan = Plan::new(spec, &resolve_host_source)?;
         self.start(spec, &plan, false)

@@ -557,6 +557,28 @@ rootless_test! {
 }
 
 rootless_test! {
+    /// `-t` alone, as docker's: nothing typed is forwarded and the caller's
+    /// terminal keeps its mode, so Ctrl-C there is pkg's SIGINT, which
+    /// reaches the workload forwarded, once.
+    fn tty_without_i_forwards_signals_not_keystrokes() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let sync = ctx.root().join("sync");
+        std::fs::create_dir(&sync).unwrap();
+        let volume = format!("{}:/sync", sync.display());
+        let script = "n=0; trap 'n=$((n+1))' INT; touch /sync/ready; \
+                      while [ $n -eq 0 ]; do sleep 0.05; done; sleep 0.3; echo \"INT $n\"; \
+                      if read -t 0 line; then echo input; else echo no input; fi; exit 5";
+        // exec: the shell script runs pkg in would take the SIGINT too.
+        let line = format!("exec {}", pkg_line(&["run", "-t", "-v", &volume, &image, "sh", "-c", script]));
+        let ready = sync.join("ready");
+        let (code, shown) = on_terminal(&ctx, &line, &[(Some(&ready), b"typed\n\x03")]);
+        assert_eq!(code, 5, "{shown}");
+        assert!(shown.ends_with("INT 1\nno input\n"), "{shown:?}");
+    }
+}
+
+rootless_test! {
     /// A resize of the caller's terminal reaches the workload's: SIGWINCH
     /// and the new size.
     fn tty_follows_the_callers_window_size() {
