@@ -16,7 +16,10 @@
 //!    does (see [`RunOptions`]);
 //! 4. adds volumes, `/etc/hosts` (and the host's `/etc/resolv.conf` when the
 //!    network is shared) and, for an image of another architecture, the host's
-//!    qemu-user emulator, which then runs the program named by argv.
+//!    qemu-user emulator, which then runs the program named by argv;
+//! 5. gives the workload a session of its own, never the caller's terminal;
+//!    with `-t` and [`RunHost::terminal`], a pseudo-terminal of the sandbox's
+//!    own instead ([`crate::sandbox::terminal`]).
 //!
 //! Nothing here reads the clock or the caller's environment: [`RunHost`]
 //! carries what the caller knows about the machine.
