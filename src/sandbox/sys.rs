@@ -920,7 +920,7 @@ pub mod forward {
 /// Notice of the caller's terminal being resized, for the terminal relay
 /// (see [`super::terminal`]).
 ///
-/// While a [`ResizeWatch`] lives, SIGWINCH runs a handler that writes a byte
+/// While a [`ResizeWatch`](resize::ResizeWatch) lives, SIGWINCH runs a handler that writes a byte
 /// to a non-blocking pipe (the self-pipe trick); the relay polls its read
 /// end, so a resize wakes it wherever it waits. Bytes of resizes that come
 /// quicker than the relay are coalesced: it reads the current size once.
