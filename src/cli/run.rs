@@ -8,6 +8,7 @@
 use std::cell::LazyCell;
 use std::ffi::OsString;
 use std::io::IsTerminal;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -57,7 +58,7 @@ pub struct RunArgs {
     /// Keep standard input attached
     #[arg(short = 'i', long)]
     pub interactive: bool,
-    /// Pass the terminal through (sets TERM)
+    /// Allocate a pseudo-terminal for the workload, relayed to yours (sets TERM)
     #[arg(short = 't', long)]
     pub tty: bool,
     /// How the image's root filesystem is mounted: auto (the kernel's
@@ -386,6 +387,10 @@ fn host_facts(settings: &Settings) -> RunHost {
         resolv_conf: existing("/etc/resolv.conf"),
         hosts: existing("/etc/hosts"),
         term: std::env::var("TERM").ok(),
+        terminal: std::io::stdin()
+            .is_terminal()
+            .then(|| std::io::stdin().as_fd().try_clone_to_owned().ok())
+            .flatten(),
     }
 }
 
@@ -444,7 +449,7 @@ fn options(args: &RunArgs, settings: &Settings) -> Result<RunOptions, Failure> {
         hostname: args.hostname.clone(),
         interactive: args.interactive,
         tty: args.tty,
-        foreground: args.tty || (args.interactive && std::io::stdin().is_terminal()),
+        foreground: !args.tty && args.interactive && std::io::stdin().is_terminal(),
     })
 }
 

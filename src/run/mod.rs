@@ -16,7 +16,10 @@
 //!    does (see [`RunOptions`]);
 //! 4. adds volumes, `/etc/hosts` (and the host's `/etc/resolv.conf` when the
 //!    network is shared) and, for an image of another architecture, the host's
-//!    qemu-user emulator, which then runs the program named by argv.
+//!    qemu-user emulator, which then runs the program named by argv;
+//! 5. gives the workload a session of its own, never the caller's terminal;
+//!    with `-t` and [`RunHost::terminal`], a pseudo-terminal of the sandbox's
+//!    own instead ([`crate::sandbox::terminal`]).
 //!
 //! Nothing here reads the clock or the caller's environment: [`RunHost`]
 //! carries what the caller knows about the machine.
@@ -28,6 +31,7 @@ pub mod view;
 
 use std::cell::LazyCell;
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
@@ -35,7 +39,7 @@ use crate::image::{AssembledImage, ImageError};
 use crate::platform::{Arch, Platform};
 use crate::sandbox::{
     ExecFailure, IdMapping, IdRange, MapMethod, Mount, Network, RootFs, SandboxSpec, Stdio,
-    StdioSource,
+    StdioSource, Terminal,
 };
 use crate::store::{CheckoutLease, Store, StoreError};
 use crate::tool::HostTools;
@@ -75,6 +79,8 @@ pub enum RunError {
     NoEmulator { image: String, platform: String, host: String, emulator: String },
     #[error("`{program}` {failure} in image `{image}`")]
     Exec { image: String, program: String, failure: ExecFailure },
+    #[error("cannot duplicate the terminal's descriptor")]
+    Terminal(#[source] std::io::Error),
 }
 
 impl RunError {
@@ -247,14 +253,18 @@ pub struct RunOptions {
     pub user: Option<String>,
     pub network: NetworkMode,
     pub hostname: Option<String>,
-    /// Keep standard input attached (`-i`); without it the workload reads `/dev/null`.
+    /// Keep standard input attached (`-i`); without it the workload reads
+    /// `/dev/null` (or, with a terminal, a terminal where nothing arrives).
     pub interactive: bool,
-    /// The caller's terminal is passed through (`-t`); sets `TERM`.
+    /// `-t`: sets `TERM`; with [`RunHost::terminal`], the workload gets a
+    /// pseudo-terminal of its own, relayed to it (see
+    /// [`crate::sandbox::terminal`]); without, the streams pass through as
+    /// they are.
     pub tty: bool,
-    /// The workload reads the caller's terminal (`-t`, or `-i` on a
-    /// terminal), so it stays in the caller's process group for job control;
-    /// otherwise it gets a group of its own and signals reach it only
-    /// forwarded, once.
+    /// The workload reads the caller's terminal itself (`-i` on a terminal,
+    /// without `-t`), so it stays in the caller's process group for job
+    /// control; otherwise it gets a group of its own and signals reach it
+    /// only forwarded, once.
     pub foreground: bool,
 }
 
@@ -287,6 +297,9 @@ pub struct RunHost {
     pub hosts: Option<PathBuf>,
     /// The caller's `TERM`, for `-t`.
     pub term: Option<String>,
+    /// The caller's terminal, when its stdin is one: `-t` gives the workload
+    /// a pseudo-terminal that follows it.
+    pub terminal: Option<OwnedFd>,
 }
 
 /// A sandbox ready to start, and the leases on its layers' checkouts: keep
@@ -408,11 +421,17 @@ pub fn prepare(
         stdout: StdioSource::Inherit,
         stderr: StdioSource::Inherit,
     };
-    // Only -t shares the caller's terminal as the workload's controlling
-    // terminal. Otherwise the workload has none: it could open it as
-    // /dev/tty and push input into the caller's shell (TIOCSTI).
-    spec.new_session = !options.tty;
+    // The workload never shares the caller's terminal as its controlling
+    // terminal: it could open it as /dev/tty and push input into the
+    // caller's shell (TIOCSTI). With -t on a terminal it gets one of its own.
+    spec.new_session = true;
     spec.own_process_group = !options.foreground;
+    if let Some(host) = host.terminal.as_ref().filter(|_| options.tty) {
+        spec.terminal = Some(Terminal {
+            host: host.try_clone().map_err(RunError::Terminal)?,
+            forward_input: options.interactive,
+        });
+    }
     Ok(Prepared { spec, leases })
 }
 

@@ -1,14 +1,17 @@
 //! The typed handshake between the caller and the launcher (PID 1 of the
 //! sandbox), and between the launcher and the workload it forks.
 //!
-//! Protocol, caller ⇄ launcher, over two close-on-exec pipes:
+//! Protocol, caller ⇄ launcher, over a close-on-exec pipe (to the launcher)
+//! and a Unix socket (from it, so it can pass a descriptor):
 //!
 //! 1. the caller writes the id maps, then [`CallerEnd::ack_mapping`]; the
 //!    launcher blocks in [`LauncherEnd::wait_for_mapping`] until then (EOF
 //!    means the caller gave up: the launcher exits);
 //! 2. the launcher runs its setup and starts the workload, then sends exactly
 //!    one of `Started`, `SetupFailed` or `ExecFailed`
-//!    ([`CallerEnd::wait_for_start`]);
+//!    ([`CallerEnd::wait_for_start`]); with a terminal, `Started` carries the
+//!    master of the workload's pseudo-terminal (`SCM_RIGHTS`), as runc's
+//!    console socket does;
 //! 3. when the workload has ended, the launcher sends `Exited` with its raw
 //!    wait status ([`CallerEnd::wait_for_exit`]) and exits.
 //!
@@ -20,12 +23,12 @@
 //! atomic; the launcher's side encodes them on the stack (it must not allocate).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 
-use super::sys::Syscall;
+use super::sys::{LinuxSyscall, Syscall};
 
 /// What the launcher was doing when something failed, beyond the plan's steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +44,10 @@ pub enum LaunchStep {
     NewSession,
     /// Unsharing the namespaces made after the clone.
     Unshare,
+    /// Creating the workload's pseudo-terminal.
+    OpenTerminal,
+    /// Making it the workload's controlling terminal.
+    ControllingTerminal,
 }
 
 impl LaunchStep {
@@ -55,6 +62,8 @@ impl LaunchStep {
             LaunchStep::Exec => 0x8000_0005,
             LaunchStep::NewSession => 0x8000_0006,
             LaunchStep::Unshare => 0x8000_0007,
+            LaunchStep::OpenTerminal => 0x8000_0008,
+            LaunchStep::ControllingTerminal => 0x8000_0009,
         }
     }
 
@@ -68,6 +77,8 @@ impl LaunchStep {
             0x8000_0005 => LaunchStep::Exec,
             0x8000_0006 => LaunchStep::NewSession,
             0x8000_0007 => LaunchStep::Unshare,
+            0x8000_0008 => LaunchStep::OpenTerminal,
+            0x8000_0009 => LaunchStep::ControllingTerminal,
             i if i < 0x8000_0000 => LaunchStep::Plan(i),
             _ => return None,
         })
@@ -130,15 +141,12 @@ pub enum ChannelError {
 #[derive(Debug)]
 pub struct CallerEnd {
     to_launcher: Option<File>,
-    from_launcher: File,
+    from_launcher: OwnedFd,
 }
 
 impl CallerEnd {
     pub fn new(to_launcher: OwnedFd, from_launcher: OwnedFd) -> Self {
-        CallerEnd {
-            to_launcher: Some(File::from(to_launcher)),
-            from_launcher: File::from(from_launcher),
-        }
+        CallerEnd { to_launcher: Some(File::from(to_launcher)), from_launcher }
     }
 
     /// Tells the launcher its uid/gid maps are written, so it may go on.
@@ -148,34 +156,42 @@ impl CallerEnd {
         Ok(())
     }
 
-    /// Waits for the launcher to start the workload or fail trying.
-    pub fn wait_for_start(&mut self) -> Result<Report, ChannelError> {
-        self.receive()?.ok_or(ChannelError::Closed)
+    /// Waits for the launcher to start the workload or fail trying; with
+    /// `Started`, the master of the workload's terminal, if it has one.
+    pub fn wait_for_start(&mut self) -> Result<(Report, Option<OwnedFd>), ChannelError> {
+        let (report, fd) = self.receive()?;
+        Ok((report.ok_or(ChannelError::Closed)?, fd))
     }
 
     /// The workload's raw wait status, once the launcher is gone; `None` when
     /// the launcher died without reporting one.
     pub fn wait_for_exit(&mut self) -> Result<Option<i32>, ChannelError> {
-        match self.receive()? {
+        match self.receive()?.0 {
             Some(Report::Exited { wait_status }) => Ok(Some(wait_status)),
             Some(_) => Err(ChannelError::Garbled),
             None => Ok(None),
         }
     }
 
-    fn receive(&mut self) -> Result<Option<Report>, ChannelError> {
+    /// One message (`None` at EOF) and the descriptor sent along, if any.
+    fn receive(&mut self) -> Result<(Option<Report>, Option<OwnedFd>), ChannelError> {
         let mut buf = [0u8; MESSAGE_LEN];
         let mut filled = 0;
+        let mut passed = None;
         while filled < MESSAGE_LEN {
-            match self.from_launcher.read(&mut buf[filled..]) {
-                Ok(0) if filled == 0 => return Ok(None),
-                Ok(0) => return Err(ChannelError::Garbled),
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+            let socket = self.from_launcher.as_raw_fd();
+            match LinuxSyscall.receive_with_fd(socket, &mut buf[filled..]) {
+                Ok((0, _)) if filled == 0 => return Ok((None, None)),
+                Ok((0, _)) => return Err(ChannelError::Garbled),
+                Ok((n, fd)) => {
+                    filled += n;
+                    passed = passed.or(fd);
+                }
+                Err(errno) => return Err(io::Error::from(errno).into()),
             }
         }
-        Report::decode(&buf).map(Some).ok_or(ChannelError::Garbled)
+        let report = Report::decode(&buf).ok_or(ChannelError::Garbled)?;
+        Ok((Some(report), passed))
     }
 }
 
@@ -204,6 +220,17 @@ impl LauncherEnd {
     pub fn report(&self, sys: &impl Syscall, report: Report) {
         // Nothing to do if the caller is gone: the launcher exits right after.
         let _ = sys.write(self.to_caller, &report.encode());
+    }
+
+    /// `Started`, with the master of the workload's terminal if there is one.
+    pub fn report_started(&self, sys: &impl Syscall, terminal: Option<RawFd>) {
+        match terminal {
+            // As with `report`: a caller that is gone reads nothing.
+            Some(master) => {
+                let _ = sys.send_with_fd(self.to_caller, &Report::Started.encode(), master);
+            }
+            None => self.report(sys, Report::Started),
+        }
     }
 }
 
@@ -255,6 +282,8 @@ mod tests {
             Report::Started,
             Report::SetupFailed { step: LaunchStep::Plan(7), errno: Errno::EPERM },
             Report::SetupFailed { step: LaunchStep::SwitchUser, errno: Errno::EINVAL },
+            Report::SetupFailed { step: LaunchStep::OpenTerminal, errno: Errno::ENOSPC },
+            Report::SetupFailed { step: LaunchStep::ControllingTerminal, errno: Errno::EPERM },
             Report::ExecFailed { errno: Errno::ENOENT },
             Report::Exited { wait_status: 0x0300 },
         ] {

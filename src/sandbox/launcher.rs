@@ -6,6 +6,13 @@
 //! return into the caller's code. It only reads the prepared [`Plan`], calls
 //! [`Syscall`] methods and ends with [`Syscall::exit`]. Values that own heap
 //! memory are borrowed, never dropped, here.
+//!
+//! With a terminal ([`Launch::terminal`]) the launcher opens a pseudo-terminal
+//! from the sandbox's own devpts once the setup is done, hands the slave to
+//! the workload (a session leader, whose controlling terminal and fds 0–2 it
+//! becomes) and the master to the caller with `Started`, keeping neither:
+//! the caller relays it ([`super::terminal`]), and PID 1 stays a loop of
+//! reaping and forwarding signals.
 
 use std::ffi::c_int;
 use std::os::fd::{IntoRawFd, RawFd};
@@ -15,9 +22,13 @@ use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 
+use super::WindowSize;
 use super::channel::{self, LaunchStep, LauncherEnd, Report, WorkloadFailure};
 use super::plan::{ExecPlan, Plan, run_steps};
 use super::sys::{Forked, Syscall};
+
+/// The sandbox's devpts multiplexer (`/dev/ptmx` links to it).
+const PTMX: &std::ffi::CStr = c"/dev/pts/ptmx";
 
 /// Signals the launcher forwards to the workload.
 pub const FORWARDED: [Signal; 6] = [
@@ -49,12 +60,16 @@ const SETUP_FAILED: c_int = 125;
 pub struct Launch<'a> {
     pub plan: &'a Plan,
     pub channel: LauncherEnd,
-    /// Sources for the workload's fds 0, 1 and 2; `None` inherits.
+    /// Sources for the workload's fds 0, 1 and 2; `None` inherits. With a
+    /// terminal, the launcher's own instead (`/dev/null`).
     pub stdio: [Option<RawFd>; 3],
     /// Stop after the setup, without starting a workload (for [`super::probe`]).
     pub setup_only: bool,
     /// The signal set from [`launcher_signals`], built before the clone.
     pub signals: &'a SigSet,
+    /// Give the workload a new pseudo-terminal of this size as its
+    /// controlling terminal and fds 0–2 (`stdio` is then the launcher's own).
+    pub terminal: Option<WindowSize>,
 }
 
 /// The launcher: PID 1 of the sandbox. Never returns.
@@ -65,6 +80,17 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     // The caller's handlers must never run here: the launcher only takes
     // its (blocked) signals with sigwaitinfo.
     sys.reset_signal_handlers();
+    if launch.terminal.is_some() {
+        // The workload's terminal is the sandbox's own: PID 1 lets go of
+        // the caller's, so no process inside reaches it (`/proc/1/fd/0`).
+        for (target, source) in launch.stdio.iter().enumerate() {
+            if let Some(source) = source
+                && sys.dup2(*source, target as RawFd).is_err()
+            {
+                sys.exit(SETUP_FAILED);
+            }
+        }
+    }
     let grouped = !launch.plan.exec.own_process_group || sys.new_process_group().is_ok();
     if !grouped || sys.kill_with_parent().is_err() {
         sys.exit(SETUP_FAILED);
@@ -90,6 +116,19 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
         sys.exit(0);
     }
 
+    // After the setup: the sandbox's /dev/pts is mounted by now.
+    let terminal = match launch.terminal.map(|size| sys.open_terminal(PTMX, size)) {
+        None => None,
+        Some(Ok(pair)) => Some(pair),
+        Some(Err(errno)) => {
+            channel.report(sys, Report::SetupFailed { step: LaunchStep::OpenTerminal, errno });
+            sys.exit(SETUP_FAILED);
+        }
+    };
+    let stdio = match terminal {
+        Some((_, slave)) => [Some(slave); 3],
+        None => launch.stdio,
+    };
     let (exec_read, exec_write) = match sys.pipe() {
         Ok((read, write)) => (read.into_raw_fd(), write.into_raw_fd()),
         Err(errno) => {
@@ -102,7 +141,11 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
             sys.close(exec_read);
             sys.close(channel.from_caller);
             sys.close(channel.to_caller);
-            workload_main(sys, &launch.plan.exec, launch.stdio, exec_write)
+            if let Some((master, _)) = terminal {
+                sys.close(master);
+            }
+            let controlling_terminal = terminal.map(|(_, slave)| slave);
+            workload_main(sys, &launch.plan.exec, stdio, controlling_terminal, exec_write)
         }
         Ok(Forked::Parent { child }) => child,
         Err(errno) => {
@@ -112,21 +155,30 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     };
     sys.close(exec_write);
     // Only the workload writes there: a pipe's reader then sees EOF when the
-    // workload and its children are done with it.
+    // workload and its children are done with it (the terminal's master
+    // reads EIO then).
     for fd in launch.stdio.into_iter().flatten() {
         sys.close(fd);
+    }
+    if let Some((_, slave)) = terminal {
+        sys.close(slave);
     }
     let exec = channel::wait_for_workload_exec(sys, exec_read);
     // Closed before the report, so the caller never sees it held.
     sys.close(exec_read);
+    let master = terminal.map(|(master, _)| master);
     match exec {
-        Ok(()) => channel.report(sys, Report::Started),
+        Ok(()) => channel.report_started(sys, master),
         Err(WorkloadFailure { step: LaunchStep::Exec, errno }) => {
             channel.report(sys, Report::ExecFailed { errno })
         }
         Err(WorkloadFailure { step, errno }) => {
             channel.report(sys, Report::SetupFailed { step, errno })
         }
+    }
+    // The caller holds the master now (or it is not needed).
+    if let Some(master) = master {
+        sys.close(master);
     }
 
     let status = supervise(sys, workload, launch.signals, launch.plan.exec.new_session);
@@ -206,9 +258,10 @@ pub fn workload_main(
     sys: &impl Syscall,
     exec: &ExecPlan,
     stdio: [Option<RawFd>; 3],
+    controlling_terminal: Option<RawFd>,
     report: RawFd,
 ) -> ! {
-    let failure = match prepare_workload(sys, exec, stdio) {
+    let failure = match prepare_workload(sys, exec, stdio, controlling_terminal) {
         Err(failure) => failure,
         Ok(()) => WorkloadFailure { step: LaunchStep::Exec, errno: exec_first(sys, exec) },
     };
@@ -220,15 +273,20 @@ pub fn workload_main(
     })
 }
 
-/// Credentials, stdio and signal state for the workload.
+/// Session, credentials, stdio and signal state for the workload. A
+/// `controlling_terminal` needs a new session (the plan asks for one).
 pub fn prepare_workload(
     sys: &impl Syscall,
     exec: &ExecPlan,
     stdio: [Option<RawFd>; 3],
+    controlling_terminal: Option<RawFd>,
 ) -> Result<(), WorkloadFailure> {
     let fail = |step| move |errno| WorkloadFailure { step, errno };
     if exec.new_session {
         sys.new_session().map_err(fail(LaunchStep::NewSession))?;
+    }
+    if let Some(terminal) = controlling_terminal {
+        sys.set_controlling_terminal(terminal).map_err(fail(LaunchStep::ControllingTerminal))?;
     }
     if let Some(creds) = exec.credentials {
         sys.set_credentials(creds.uid, creds.gid, creds.drop_groups)

@@ -15,7 +15,9 @@
 //!   (the caller may be multi-threaded; see its module docs);
 //! - [`channel`] is the typed handshake between caller, launcher and workload;
 //! - [`fuse`] serves an overlay root with fuse-overlayfs, for kernels that
-//!   refuse overlayfs in a user namespace.
+//!   refuse overlayfs in a user namespace;
+//! - [`terminal`] gives the workload a pseudo-terminal of the sandbox's own
+//!   devpts ([`SandboxSpec::terminal`]) and relays it to the caller's.
 //!
 //! Network: with [`Network::None`] the sandbox has its own network namespace
 //! holding only `lo`, which the launcher brings up (like `docker run
@@ -47,9 +49,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! `pkg run` (overlay of the image's layer checkouts, terminal passed
-//! through, the image's user; the CLI exits with [`ExitStatus::code`] or
-//! [`SandboxError::exit_code`]):
+//! `pkg run` (overlay of the image's layer checkouts, standard streams
+//! passed through, the image's user; the CLI exits with [`ExitStatus::code`]
+//! or [`SandboxError::exit_code`]; `-t` adds a [`Terminal`]):
 //!
 //! ```no_run
 //! # use pkg::sandbox::*;
@@ -83,6 +85,7 @@ pub mod idmap;
 pub mod launcher;
 pub mod plan;
 pub mod sys;
+pub mod terminal;
 
 #[cfg(test)]
 mod tests;
@@ -97,11 +100,13 @@ use nix::sys::signal::SigmaskHow;
 use nix::unistd::Pid;
 
 pub use idmap::{IdMapping, IdRange, MapMethod, subordinate_range};
+pub use terminal::Terminal;
 
 use channel::{CallerEnd, ChannelError, LaunchStep, LauncherEnd, Report};
 use launcher::{Launch, launcher_main, launcher_signals};
 use plan::{HostSource, Plan, SourceKind, Step};
 use sys::{Forked, LinuxSyscall, Syscall};
+use terminal::Relay;
 
 /// Everything that defines one sandboxed process.
 #[derive(Debug)]
@@ -131,11 +136,15 @@ pub struct SandboxSpec {
     pub stdio: Stdio,
     pub umask: u32,
     /// Run the workload in a new session without a controlling terminal
-    /// (builds, `pkg run` without `-t`), so it cannot reach the caller's
-    /// terminal through `/dev/tty`. `false` keeps the caller's session and
-    /// process group, so a terminal passes through with job control
-    /// (`pkg run -t`).
+    /// (builds, `pkg run`), so it cannot reach the caller's terminal through
+    /// `/dev/tty`. `false` keeps the caller's session and process group, so
+    /// the caller's terminal passes through with job control. A
+    /// [`SandboxSpec::terminal`] always has a session of its own.
     pub new_session: bool,
+    /// Give the workload a new pseudo-terminal of the sandbox's own devpts
+    /// as controlling terminal and fds 0–2, relayed to the caller's
+    /// (`pkg run -t`); see [`terminal`].
+    pub terminal: Option<Terminal>,
     /// Put the launcher (and so the workload) in a process group of its own
     /// (`pkg run` without a terminal): a signal sent to the caller's whole
     /// group then reaches the workload once, forwarded, not twice.
@@ -161,6 +170,7 @@ impl SandboxSpec {
             umask: 0o022,
             new_session: false,
             own_process_group: false,
+            terminal: None,
         }
     }
 }
@@ -241,6 +251,13 @@ impl Mount {
     }
 }
 
+/// A terminal's window size, in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
 /// The workload's standard streams.
 #[derive(Debug)]
 pub struct Stdio {
@@ -257,6 +274,11 @@ impl Stdio {
             stdout: StdioSource::Inherit,
             stderr: StdioSource::Inherit,
         }
+    }
+
+    /// `/dev/null` for all three.
+    pub fn null() -> Self {
+        Stdio { stdin: StdioSource::Null, stdout: StdioSource::Null, stderr: StdioSource::Null }
     }
 
     /// No input; stdout and stderr both to `log` (what builds use).
@@ -379,6 +401,8 @@ pub enum SandboxError {
     Wait(#[source] Errno),
     #[error("the sandbox launcher ended without a report ({0:?})")]
     LauncherDied(ExitStatus),
+    #[error("cannot relay the workload's terminal")]
+    Terminal(#[source] Errno),
 }
 
 impl SandboxError {
@@ -416,7 +440,7 @@ impl Sandbox {
         self
     }
 
-    /// Runs `spec` to completion.
+    /// Runs `spec` to completion (relaying its terminal, if it has one).
     pub fn run(&self, spec: &SandboxSpec) -> Result<ExitStatus, SandboxError> {
         self.spawn(spec)?.wait()
     }
@@ -424,7 +448,8 @@ impl Sandbox {
     /// [`Sandbox::run`], forwarding the caller's SIGINT, SIGTERM, SIGHUP,
     /// SIGQUIT, SIGUSR1 and SIGUSR2 to the workload from before the sandbox
     /// starts until it has ended (what `pkg run` does, like `docker run`'s
-    /// signal proxy; see [`sys::forward`]).
+    /// signal proxy; see [`sys::forward`]), and relaying its terminal, if it
+    /// has one, until the workload's side of it is closed.
     pub fn run_forwarding(&self, spec: &SandboxSpec) -> Result<ExitStatus, SandboxError> {
         use nix::sys::wait::{Id, WaitPidFlag, waitid};
         // In the caller's process group, the terminal's signals reach the
@@ -432,9 +457,14 @@ impl Sandbox {
         let forward_kernel = spec.own_process_group;
         let forwarder = sys::forward::Forwarder::install(&launcher::FORWARDED, forward_kernel)
             .map_err(SandboxError::Forward)?;
-        let running = self.spawn(spec)?;
+        let mut running = self.spawn(spec)?;
         let pid = running.pid.expect("a running sandbox has a launcher");
         forwarder.attach(pid);
+        if let Err(error) = running.relay_terminal() {
+            // No forwarding to a launcher that dropping `running` reaps.
+            forwarder.detach();
+            return Err(error);
+        }
         // Wait without reaping: the pid stays ours until forwarding stops.
         loop {
             match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
@@ -448,7 +478,9 @@ impl Sandbox {
     }
 
     /// Starts `spec` and returns once the workload has been exec'd. The
-    /// sandbox is killed when the calling thread exits.
+    /// sandbox is killed when the calling thread exits. A
+    /// [`SandboxSpec::terminal`] is relayed by [`Running::wait`]: until
+    /// then, a workload that fills its terminal waits.
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<Running, SandboxError> {
         let plan = Plan::new(spec, &resolve_host_source)?;
         self.start(spec, &plan, false)
@@ -461,9 +493,17 @@ impl Sandbox {
         setup_only: bool,
     ) -> Result<Running, SandboxError> {
         let sys = LinuxSyscall;
-        let stdio = PreparedStdio::new(&spec.stdio).map_err(SandboxError::Stdio)?;
+        let mut relay = match &spec.terminal {
+            Some(terminal) => {
+                Some(Relay::new(terminal, &spec.stdio.stdout).map_err(SandboxError::Stdio)?)
+            }
+            None => None,
+        };
+        // With a terminal, the launcher's own fds 0–2 (see launcher.rs).
+        let stdio = if relay.is_some() { &Stdio::null() } else { &spec.stdio };
+        let stdio = PreparedStdio::new(stdio).map_err(SandboxError::Stdio)?;
         let (launcher_read, caller_write) = sys.pipe().map_err(SandboxError::Pipe)?;
-        let (caller_read, launcher_write) = sys.pipe().map_err(SandboxError::Pipe)?;
+        let (caller_read, launcher_write) = sys.socket_pair().map_err(SandboxError::Pipe)?;
         let signals = launcher_signals();
         let launch = Launch {
             plan,
@@ -471,6 +511,7 @@ impl Sandbox {
             stdio: stdio.raw(),
             setup_only,
             signals: &signals,
+            terminal: relay.as_ref().map(Relay::size),
         };
 
         // Blocked before the clone so the launcher inherits the mask and no
@@ -496,6 +537,7 @@ impl Sandbox {
             pid: Some(child),
             channel: CallerEnd::new(caller_write, caller_read),
             program: plan.exec.program.clone(),
+            terminal: None,
         };
         let mapped = idmap::write_id_maps(&self.proc_root, child.as_raw(), &spec.id_mapping)
             .map_err(SandboxError::IdMap)
@@ -504,8 +546,17 @@ impl Sandbox {
             mapped.and_then(|()| running.channel.wait_for_start().map_err(SandboxError::Handshake));
         drop(stdio);
         let failure = match report {
-            Ok(Report::Started) => return Ok(running),
-            Ok(Report::SetupFailed { step, errno }) => {
+            Ok((Report::Started, master)) => {
+                if let (Some(relay), Some(master)) = (&mut relay, master) {
+                    relay.attach(master);
+                }
+                if relay.as_ref().is_none_or(Relay::has_master) {
+                    running.terminal = relay;
+                    return Ok(running);
+                }
+                SandboxError::Handshake(ChannelError::Garbled)
+            }
+            Ok((Report::SetupFailed { step, errno }, _)) => {
                 let failed = match step {
                     LaunchStep::Plan(i) => plan.steps.get(i as usize),
                     _ => None,
@@ -519,7 +570,7 @@ impl Sandbox {
                     _ => SandboxError::Setup { step, source: errno },
                 }
             }
-            Ok(Report::ExecFailed { errno }) => SandboxError::Exec {
+            Ok((Report::ExecFailed { errno }, _)) => SandboxError::Exec {
                 program: plan.exec.program.clone(),
                 failure: if errno == Errno::ENOENT {
                     ExecFailure::NotFound
@@ -528,7 +579,7 @@ impl Sandbox {
                 },
                 source: errno,
             },
-            Ok(Report::Exited { .. }) => SandboxError::Handshake(ChannelError::Garbled),
+            Ok((Report::Exited { .. }, _)) => SandboxError::Handshake(ChannelError::Garbled),
             Err(e) => e,
         };
         running.kill();
@@ -558,6 +609,8 @@ fn describe(plan: &Plan, step: LaunchStep) -> String {
         LaunchStep::Exec => "exec the workload".into(),
         LaunchStep::NewSession => "start a new session for the workload".into(),
         LaunchStep::Unshare => format!("unshare the namespaces {:?}", plan.unshare_flags),
+        LaunchStep::OpenTerminal => "open a pseudo-terminal in /dev/pts".into(),
+        LaunchStep::ControllingTerminal => "make the pseudo-terminal the workload's".into(),
     }
 }
 
@@ -602,6 +655,8 @@ pub struct Running {
     pid: Option<Pid>,
     channel: CallerEnd,
     program: String,
+    /// The workload's terminal, until relayed.
+    terminal: Option<Relay>,
 }
 
 impl Running {
@@ -611,9 +666,11 @@ impl Running {
         self.pid.map_or(0, |p| p.as_raw() as u32)
     }
 
-    /// Waits for the workload to end; every process of the sandbox is gone
-    /// when this returns.
+    /// Waits for the workload to end (relaying its terminal, if it has
+    /// one, until then); every process of the sandbox is gone when this
+    /// returns.
     pub fn wait(mut self) -> Result<ExitStatus, SandboxError> {
+        self.relay_terminal()?;
         let pid = self.pid.take().expect("a running sandbox has a launcher");
         let status = match LinuxSyscall.wait_pid(pid, false) {
             Ok(Some((_, status))) => status,
@@ -623,6 +680,15 @@ impl Running {
         match self.channel.wait_for_exit().map_err(SandboxError::Handshake)? {
             Some(wait_status) => Ok(sys::decode_wait_status(wait_status)),
             None => Err(SandboxError::LauncherDied(sys::decode_wait_status(status))),
+        }
+    }
+
+    /// Relays the workload's terminal, if it has one, until the workload's
+    /// side of it is closed (see [`terminal`]); then returns at once.
+    fn relay_terminal(&mut self) -> Result<(), SandboxError> {
+        match self.terminal.take() {
+            Some(relay) => relay.run().map_err(SandboxError::Terminal),
+            None => Ok(()),
         }
     }
 

@@ -176,7 +176,8 @@ pub struct ExecPlan {
     pub credentials: Option<Credentials>,
     /// The program as the caller named it, for error messages.
     pub program: String,
-    /// Start the workload in a new session, away from the caller's terminal.
+    /// Start the workload in a new session, away from the caller's terminal
+    /// (always with [`SandboxSpec::terminal`]).
     pub new_session: bool,
     /// The launcher starts a process group of its own.
     pub own_process_group: bool,
@@ -593,7 +594,8 @@ fn exec_plan(spec: &SandboxSpec) -> Result<ExecPlan, SandboxError> {
         env: CStringArray::new(env),
         credentials,
         program: program.to_string_lossy().into_owned(),
-        new_session: spec.new_session,
+        // A terminal is the controlling terminal of a session of its own.
+        new_session: spec.new_session || spec.terminal.is_some(),
         own_process_group: spec.own_process_group,
     })
 }

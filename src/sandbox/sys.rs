@@ -11,7 +11,8 @@
 //! process, where another thread may have held the allocator's lock at the
 //! time of the clone: only async-signal-safe operations are allowed there.
 //! Paths and argument vectors therefore arrive as prepared `&CStr` and
-//! [`CStringArray`] values.
+//! [`CStringArray`] values. The few methods only the caller uses (the
+//! terminal relay's, see [`super::terminal`]) keep to the same rule.
 
 #![allow(unsafe_code)]
 
@@ -25,6 +26,8 @@ use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Pid, Uid};
+
+use super::WindowSize;
 
 /// The result of one system call.
 pub type SysResult<T> = Result<T, Errno>;
@@ -82,6 +85,56 @@ pub struct ReceivedSignal {
     /// Sent by the kernel itself (`SI_KERNEL`), e.g. the terminal's
     /// SIGINT to its whole foreground process group, rather than by `kill`.
     pub from_kernel: bool,
+}
+
+/// A terminal's settings (`struct termios`), saved to be put back.
+#[derive(Clone, Copy)]
+pub struct TerminalMode(libc::termios);
+
+impl TerminalMode {
+    /// All-zero settings, for test doubles.
+    #[cfg(test)]
+    pub fn zeroed() -> Self {
+        // SAFETY: `termios` is plain old data, valid when zeroed.
+        TerminalMode(unsafe { std::mem::zeroed() })
+    }
+}
+
+impl std::fmt::Debug for TerminalMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TerminalMode").finish_non_exhaustive()
+    }
+}
+
+/// One descriptor [`Syscall::poll`] watches: `events` asked, `ready` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watch {
+    pub fd: RawFd,
+    pub events: Ready,
+    pub ready: Ready,
+}
+
+/// Readiness bits of [`Watch`] (`poll(2)`'s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ready(pub i16);
+
+impl Ready {
+    pub const IN: Ready = Ready(libc::POLLIN);
+    pub const OUT: Ready = Ready(libc::POLLOUT);
+    /// Hang-up or error: a read or write tells which.
+    pub const DONE: Ready = Ready(libc::POLLHUP | libc::POLLERR | libc::POLLNVAL);
+    pub const NONE: Ready = Ready(0);
+
+    pub fn any(self, of: Ready) -> bool {
+        self.0 & of.0 != 0
+    }
+}
+
+impl std::ops::BitOr for Ready {
+    type Output = Ready;
+    fn bitor(self, other: Ready) -> Ready {
+        Ready(self.0 | other.0)
+    }
 }
 
 /// What a fork-like clone returned in the calling process.
@@ -145,6 +198,25 @@ pub trait Syscall {
     /// Replaces the process image; returns only on failure.
     fn execve(&self, path: &CStr, argv: &CStringArray, envp: &CStringArray) -> Errno;
 
+    // --- the workload's terminal (see `terminal.rs`) ---
+    /// Opens the master of a new pseudo-terminal at `ptmx` (non-blocking,
+    /// close-on-exec), unlocks it, gives it `size`, and opens its slave
+    /// through the master (`TIOCGPTPEER`, not as a controlling terminal):
+    /// `(master, slave)`.
+    fn open_terminal(&self, ptmx: &CStr, size: WindowSize) -> SysResult<(RawFd, RawFd)>;
+    /// Makes the terminal `fd` the controlling terminal of the calling
+    /// session leader (`TIOCSCTTY`).
+    fn set_controlling_terminal(&self, fd: RawFd) -> SysResult<()>;
+    fn window_size(&self, fd: RawFd) -> SysResult<WindowSize>;
+    fn set_window_size(&self, fd: RawFd, size: WindowSize) -> SysResult<()>;
+    /// Switches the terminal `fd` to raw mode (`cfmakeraw`) at once, keeping
+    /// what was typed ahead; returns its settings from before.
+    fn make_raw(&self, fd: RawFd) -> SysResult<TerminalMode>;
+    fn set_terminal_mode(&self, fd: RawFd, mode: &TerminalMode) -> SysResult<()>;
+    /// Waits until one of `watches` is ready, however long that takes
+    /// (interrupted waits are resumed), and fills in their `ready` bits.
+    fn poll(&self, watches: &mut [Watch]) -> SysResult<()>;
+
     // --- processes and the handshake ---
     /// A fork-like `clone` into the namespaces in `flags`, without running
     /// the C library's fork handlers (which take the allocator's locks).
@@ -154,6 +226,15 @@ pub trait Syscall {
     fn unshare(&self, flags: CloneFlags) -> SysResult<()>;
     /// A close-on-exec pipe: (read end, write end).
     fn pipe(&self) -> SysResult<(OwnedFd, OwnedFd)>;
+    /// A close-on-exec pair of connected Unix stream sockets.
+    fn socket_pair(&self) -> SysResult<(OwnedFd, OwnedFd)>;
+    /// Writes `buf` to a Unix socket with a duplicate of `fd` attached
+    /// (`SCM_RIGHTS`).
+    fn send_with_fd(&self, socket: RawFd, buf: &[u8], fd: RawFd) -> SysResult<usize>;
+    /// Reads from a Unix socket like [`Syscall::read`], taking the descriptor
+    /// sent along with these bytes, if any (close-on-exec).
+    fn receive_with_fd(&self, socket: RawFd, buf: &mut [u8])
+    -> SysResult<(usize, Option<OwnedFd>)>;
     fn close(&self, fd: RawFd);
     /// Closes every descriptor from `first` to `last` (inclusive), if any.
     fn close_range(&self, first: RawFd, last: RawFd);
@@ -396,6 +477,97 @@ impl Syscall for LinuxSyscall {
         Errno::last()
     }
 
+    fn open_terminal(&self, ptmx: &CStr, size: WindowSize) -> SysResult<(RawFd, RawFd)> {
+        let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: `ptmx` is a valid NUL-terminated string; the descriptor is
+        // returned to the caller or closed below.
+        let master = unsafe { libc::open(ptmx.as_ptr(), flags) };
+        if master == -1 {
+            return Err(Errno::last());
+        }
+        let unlock: c_int = 0;
+        // SAFETY: TIOCSPTLCK reads one int from the pointer, valid for the call.
+        let slave = check(unsafe { libc::ioctl(master, libc::TIOCSPTLCK, &unlock) })
+            .and_then(|()| self.set_window_size(master, size))
+            .and_then(|()| {
+                let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+                // SAFETY: TIOCGPTPEER takes open flags by value and returns a
+                // new descriptor, owned by the caller.
+                let slave = unsafe { libc::ioctl(master, libc::TIOCGPTPEER, flags) };
+                if slave == -1 { Err(Errno::last()) } else { Ok(slave) }
+            });
+        match slave {
+            Ok(slave) => Ok((master, slave)),
+            Err(errno) => {
+                self.close(master);
+                Err(errno)
+            }
+        }
+    }
+
+    fn set_controlling_terminal(&self, fd: RawFd) -> SysResult<()> {
+        // SAFETY: TIOCSCTTY takes an int by value (0: do not steal the
+        // terminal from another session); no memory is touched.
+        check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0 as c_int) })
+    }
+
+    fn window_size(&self, fd: RawFd) -> SysResult<WindowSize> {
+        // SAFETY: `winsize` is plain old data, valid when zeroed.
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ writes one `struct winsize` to the pointer.
+        check(unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) })?;
+        Ok(WindowSize { rows: size.ws_row, cols: size.ws_col })
+    }
+
+    fn set_window_size(&self, fd: RawFd, size: WindowSize) -> SysResult<()> {
+        let size =
+            libc::winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads one `struct winsize` from the pointer.
+        check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &size) })
+    }
+
+    fn make_raw(&self, fd: RawFd) -> SysResult<TerminalMode> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        // SAFETY: the caller passes a descriptor that stays open for the call.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let before = tcgetattr(borrowed)?;
+        let mut raw = before.clone();
+        cfmakeraw(&mut raw);
+        // TCSANOW, not TCSAFLUSH: what was typed ahead goes to the workload.
+        tcsetattr(borrowed, SetArg::TCSANOW, &raw)?;
+        Ok(TerminalMode(before.into()))
+    }
+
+    fn set_terminal_mode(&self, fd: RawFd, mode: &TerminalMode) -> SysResult<()> {
+        use nix::sys::termios::{SetArg, Termios, tcsetattr};
+        // SAFETY: the caller passes a descriptor that stays open for the call.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        tcsetattr(borrowed, SetArg::TCSANOW, &Termios::from(mode.0))
+    }
+
+    fn poll(&self, watches: &mut [Watch]) -> SysResult<()> {
+        const MAX: usize = 8;
+        assert!(watches.len() <= MAX, "poll watches at most {MAX} descriptors");
+        let mut fds = [libc::pollfd { fd: -1, events: 0, revents: 0 }; MAX];
+        for (fd, watch) in fds.iter_mut().zip(watches.iter()) {
+            *fd = libc::pollfd { fd: watch.fd, events: watch.events.0, revents: 0 };
+        }
+        loop {
+            // SAFETY: the pointer and count describe the first
+            // `watches.len()` entries of `fds`, writable for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), watches.len() as libc::nfds_t, -1) };
+            match n {
+                -1 if Errno::last() == Errno::EINTR => continue,
+                -1 => return Err(Errno::last()),
+                _ => break,
+            }
+        }
+        for (fd, watch) in fds.iter().zip(watches.iter_mut()) {
+            watch.ready = Ready(fd.revents);
+        }
+        Ok(())
+    }
+
     fn clone_process(&self, flags: CloneFlags) -> SysResult<Forked> {
         let flags = flags.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
         // SAFETY: without CLONE_VM and with a NULL stack, clone behaves like
@@ -423,6 +595,102 @@ impl Syscall for LinuxSyscall {
 
     fn pipe(&self) -> SysResult<(OwnedFd, OwnedFd)> {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+    }
+
+    fn socket_pair(&self) -> SysResult<(OwnedFd, OwnedFd)> {
+        use std::os::fd::FromRawFd;
+        let mut fds: [c_int; 2] = [-1; 2];
+        let kind = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+        // SAFETY: `fds` is a writable array of two ints, as socketpair wants.
+        check(unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) })?;
+        // SAFETY: both are new descriptors, owned by nothing else.
+        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    }
+
+    fn send_with_fd(&self, socket: RawFd, buf: &[u8], fd: RawFd) -> SysResult<usize> {
+        // Room for one control message carrying one descriptor, aligned
+        // for `cmsghdr`; on the stack, since the launcher sends it.
+        let mut control = [0u64; 4];
+        let mut iov =
+            libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        // SAFETY: `msghdr` is plain old data, valid when zeroed.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<c_int>() as u32) } as _;
+        debug_assert!(msg.msg_controllen as usize <= size_of_val(&control));
+        // SAFETY: `msg` describes `control`, large enough for one header and
+        // one int (checked above), so CMSG_FIRSTHDR points into it and
+        // CMSG_DATA just past the header; the descriptor is written unaligned.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&msg);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(size_of::<c_int>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<c_int>(), fd);
+        }
+        loop {
+            // SAFETY: `msg` points at `iov` (describing `buf`) and `control`,
+            // all alive and readable for the call.
+            let n = unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) };
+            match n {
+                -1 if Errno::last() == Errno::EINTR => continue,
+                -1 => return Err(Errno::last()),
+                n => return Ok(n as usize),
+            }
+        }
+    }
+
+    fn receive_with_fd(
+        &self,
+        socket: RawFd,
+        buf: &mut [u8],
+    ) -> SysResult<(usize, Option<OwnedFd>)> {
+        use std::os::fd::FromRawFd;
+        let mut control = [0u64; 4];
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: `msghdr` is plain old data, valid when zeroed.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&control) as _;
+        let n = loop {
+            // SAFETY: `msg` points at `iov` (describing `buf`) and `control`,
+            // both writable for the call.
+            let n = unsafe { libc::recvmsg(socket, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            match n {
+                -1 if Errno::last() == Errno::EINTR => continue,
+                -1 => return Err(Errno::last()),
+                n => break n as usize,
+            }
+        };
+        let mut received = None;
+        // SAFETY: the kernel filled `control` with `msg_controllen` bytes of
+        // well-formed control messages; CMSG_FIRSTHDR/CMSG_NXTHDR walk them
+        // within those bounds, and an SCM_RIGHTS message holds ints that are
+        // new descriptors of this process, owned here from now on.
+        unsafe {
+            let mut header = libc::CMSG_FIRSTHDR(&msg);
+            while !header.is_null() {
+                if (*header).cmsg_level == libc::SOL_SOCKET
+                    && (*header).cmsg_type == libc::SCM_RIGHTS
+                {
+                    let data = libc::CMSG_DATA(header).cast::<c_int>();
+                    let count = ((*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                        / size_of::<c_int>();
+                    for i in 0..count {
+                        let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                        // One is expected; any other is closed (dropped).
+                        received.get_or_insert(fd);
+                    }
+                }
+                header = libc::CMSG_NXTHDR(&msg, header);
+            }
+        }
+        Ok((n, received))
     }
 
     fn close(&self, fd: RawFd) {
@@ -644,6 +912,86 @@ pub mod forward {
             for (signal, old) in self.old.drain(..) {
                 // SAFETY: restores the disposition that was in place before.
                 let _ = unsafe { sigaction(signal, &old) };
+            }
+        }
+    }
+}
+
+/// Notice of the caller's terminal being resized, for the terminal relay
+/// (see [`super::terminal`]).
+///
+/// While a [`ResizeWatch`](resize::ResizeWatch) lives, SIGWINCH runs a handler that writes a byte
+/// to a non-blocking pipe (the self-pipe trick); the relay polls its read
+/// end, so a resize wakes it wherever it waits. Bytes of resizes that come
+/// quicker than the relay are coalesced: it reads the current size once.
+pub mod resize {
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+    use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+
+    use nix::errno::Errno;
+    use nix::fcntl::OFlag;
+    use nix::libc;
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+    /// The pipe's write end while a watch is installed (-1: none).
+    static NOTIFY: AtomicI32 = AtomicI32::new(-1);
+    /// Handlers between reading [`NOTIFY`] and their write.
+    static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+    extern "C" fn note(_: libc::c_int) {
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        let saved = Errno::last_raw();
+        let fd = NOTIFY.load(Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: write is async-signal-safe; the byte lives on the stack.
+            // A full pipe already holds a pending notice: nothing is lost.
+            unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+        }
+        Errno::set_raw(saved);
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// An installed SIGWINCH handler; dropping it puts back the old one.
+    pub struct ResizeWatch {
+        read: OwnedFd,
+        /// The handler's end, kept open while it may write.
+        _write: OwnedFd,
+        old: SigAction,
+    }
+
+    impl ResizeWatch {
+        /// Installs the handler. One watch at a time per process.
+        pub fn install() -> nix::Result<Self> {
+            let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+            NOTIFY.store(write.as_raw_fd(), Ordering::SeqCst);
+            let action =
+                SigAction::new(SigHandler::Handler(note), SaFlags::SA_RESTART, SigSet::empty());
+            // SAFETY: the handler only touches an atomic, errno and write,
+            // all async-signal-safe.
+            match unsafe { sigaction(Signal::SIGWINCH, &action) } {
+                Ok(old) => Ok(ResizeWatch { read, _write: write, old }),
+                Err(errno) => {
+                    NOTIFY.store(-1, Ordering::SeqCst);
+                    Err(errno)
+                }
+            }
+        }
+
+        /// Readable once the terminal was resized; read it empty then.
+        pub fn fd(&self) -> RawFd {
+            self.read.as_raw_fd()
+        }
+    }
+
+    impl Drop for ResizeWatch {
+        fn drop(&mut self) {
+            // SAFETY: puts back the disposition that was in place before.
+            let _ = unsafe { sigaction(Signal::SIGWINCH, &self.old) };
+            // The pipe is closed (with the fields) only once no handler can
+            // write to its descriptor number any more.
+            NOTIFY.store(-1, Ordering::SeqCst);
+            while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
+                std::hint::spin_loop();
             }
         }
     }

@@ -19,7 +19,9 @@ use super::channel::LauncherEnd;
 use super::fuse;
 use super::launcher::{self, Launch, launcher_signals};
 use super::plan::{HostSource, Plan, SourceKind, Step, run_steps};
-use super::sys::{CStringArray, Forked, ReceivedSignal, SysResult, Syscall};
+use super::sys::{
+    CStringArray, Forked, Ready, ReceivedSignal, SysResult, Syscall, TerminalMode, Watch,
+};
 use super::*;
 
 /// Records every call as one line of text; scripted answers for the calls
@@ -32,7 +34,17 @@ struct Recorder {
     signals: RefCell<VecDeque<ReceivedSignal>>,
     waits: RefCell<VecDeque<Option<(i32, c_int)>>>,
     exec_errors: Vec<(&'static str, Errno)>,
+    /// Scripted `read` results by descriptor, in order; a descriptor named
+    /// here is answered from here, the others from `reads`.
+    fd_reads: RefCell<VecDeque<(RawFd, ScriptedRead)>>,
+    /// Scripted `poll` answers: the descriptors ready, each with its bits.
+    polls: RefCell<VecDeque<Vec<(RawFd, Ready)>>>,
+    /// What `window_size` answers.
+    size: WindowSize,
 }
+
+/// One scripted `read`: the bytes read, or the failure.
+type ScriptedRead = Result<Vec<u8>, Errno>;
 
 /// What `Recorder::exit` unwinds with, standing in for the end of a process.
 #[derive(Debug, PartialEq)]
@@ -155,6 +167,38 @@ impl Syscall for Recorder {
         let path = text(path);
         self.exec_errors.iter().find(|(p, _)| *p == path).map_or(Errno::ENOENT, |(_, e)| *e)
     }
+    fn open_terminal(&self, ptmx: &CStr, size: WindowSize) -> SysResult<(RawFd, RawFd)> {
+        self.record(format!("open_terminal {} {}x{}", text(ptmx), size.rows, size.cols))?;
+        Ok((20, 21))
+    }
+    fn set_controlling_terminal(&self, fd: RawFd) -> SysResult<()> {
+        self.record(format!("controlling_terminal {fd}"))
+    }
+    fn window_size(&self, fd: RawFd) -> SysResult<WindowSize> {
+        self.record(format!("window_size {fd}"))?;
+        Ok(self.size)
+    }
+    fn set_window_size(&self, fd: RawFd, size: WindowSize) -> SysResult<()> {
+        self.record(format!("set_window_size {fd} {}x{}", size.rows, size.cols))
+    }
+    fn make_raw(&self, fd: RawFd) -> SysResult<TerminalMode> {
+        self.record(format!("make_raw {fd}"))?;
+        Ok(TerminalMode::zeroed())
+    }
+    fn set_terminal_mode(&self, fd: RawFd, _mode: &TerminalMode) -> SysResult<()> {
+        self.record(format!("restore_mode {fd}"))
+    }
+    fn poll(&self, watches: &mut [Watch]) -> SysResult<()> {
+        let asked: Vec<String> =
+            watches.iter().map(|w| format!("{}:{}", w.fd, events(w.events))).collect();
+        self.record(format!("poll {}", asked.join(" ")))?;
+        let ready = self.polls.borrow_mut().pop_front().expect("scripted poll");
+        for watch in watches.iter_mut() {
+            watch.ready =
+                ready.iter().find(|(fd, _)| *fd == watch.fd).map_or(Ready::NONE, |(_, r)| *r);
+        }
+        Ok(())
+    }
     fn clone_process(&self, flags: CloneFlags) -> SysResult<Forked> {
         self.record(format!("clone {flags:?}"))?;
         Ok(Forked::Parent { child: Pid::from_raw(2) })
@@ -167,6 +211,21 @@ impl Syscall for Recorder {
         // Real descriptors, so the launcher may turn them into raw ones.
         nix::unistd::pipe()
     }
+    fn socket_pair(&self) -> SysResult<(OwnedFd, OwnedFd)> {
+        self.record("socket_pair".into())?;
+        nix::unistd::pipe()
+    }
+    fn send_with_fd(&self, socket: RawFd, buf: &[u8], fd: RawFd) -> SysResult<usize> {
+        self.record(format!("send {socket} {buf:?} with fd {fd}"))?;
+        Ok(buf.len())
+    }
+    fn receive_with_fd(
+        &self,
+        socket: RawFd,
+        buf: &mut [u8],
+    ) -> SysResult<(usize, Option<OwnedFd>)> {
+        Ok((self.read(socket, buf)?, None))
+    }
     fn close(&self, fd: RawFd) {
         let _ = self.record(format!("close {fd}"));
     }
@@ -175,7 +234,11 @@ impl Syscall for Recorder {
     }
     fn read(&self, fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
         self.record(format!("read {fd}"))?;
-        let data = self.reads.borrow_mut().pop_front().unwrap_or_default();
+        let mut by_fd = self.fd_reads.borrow_mut();
+        let data = match by_fd.iter().position(|(f, _)| *f == fd) {
+            Some(i) => by_fd.remove(i).expect("present").1?,
+            None => self.reads.borrow_mut().pop_front().unwrap_or_default(),
+        };
         buf[..data.len()].copy_from_slice(&data);
         Ok(data.len())
     }
@@ -211,6 +274,16 @@ impl Syscall for Recorder {
         let _ = self.record(format!("exit {code}"));
         std::panic::panic_any(Exited(code))
     }
+}
+
+/// `IN|OUT` for a watch's events.
+fn events(ready: Ready) -> String {
+    let names: Vec<&str> = [(Ready::IN, "IN"), (Ready::OUT, "OUT")]
+        .into_iter()
+        .filter(|(bit, _)| ready.any(*bit))
+        .map(|(_, name)| name)
+        .collect();
+    names.join("|")
 }
 
 fn fake_kinds(path: &Path) -> std::io::Result<HostSource> {
@@ -487,7 +560,7 @@ fn workload_switches_user_then_redirects_stdio_then_resets_signals() {
     spec.new_session = true;
     let p = plan(&spec);
     let sys = Recorder::default();
-    launcher::prepare_workload(&sys, &p.exec, [Some(10), None, Some(12)]).unwrap();
+    launcher::prepare_workload(&sys, &p.exec, [Some(10), None, Some(12)], None).unwrap();
     assert_eq!(
         sys.calls(),
         [
@@ -503,13 +576,23 @@ fn workload_switches_user_then_redirects_stdio_then_resets_signals() {
 }
 
 fn run_launcher(sys: &Recorder, plan: &Plan) -> c_int {
+    run_launcher_with(sys, plan, [Some(10), None, Some(12)], None)
+}
+
+fn run_launcher_with(
+    sys: &Recorder,
+    plan: &Plan,
+    stdio: [Option<RawFd>; 3],
+    terminal: Option<WindowSize>,
+) -> c_int {
     let signals = launcher_signals();
     let launch = Launch {
         plan,
         channel: LauncherEnd { from_caller: 100, to_caller: 101 },
-        stdio: [Some(10), None, Some(12)],
+        stdio,
         setup_only: false,
         signals: &signals,
+        terminal,
     };
     let result = catch_unwind(AssertUnwindSafe(|| launcher::launcher_main(sys, &launch)));
     match result {
@@ -770,4 +853,170 @@ fn fuse_overlay_daemon_gets_the_device_at_fd_3_and_nothing_else() {
         ]
     );
     assert_eq!(calls[10], "exit 127");
+}
+
+fn terminal_spec() -> SandboxSpec {
+    let mut spec = build_spec();
+    let host = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    spec.terminal = Some(Terminal { host, forward_input: true });
+    spec
+}
+
+#[test]
+fn a_terminal_is_opened_after_the_setup_and_its_master_goes_to_the_caller() {
+    let p = plan(&terminal_spec());
+    assert!(p.exec.new_session, "a terminal's workload leads a session of its own");
+    let sys = Recorder::default();
+    sys.reads.borrow_mut().extend([vec![1u8], vec![]]); // mapping ack, then exec EOF
+    sys.signals.borrow_mut().push_back(by_kill(libc_sigchld()));
+    sys.waits.borrow_mut().push_back(Some((2, 0)));
+    let size = WindowSize { rows: 33, cols: 77 };
+    assert_eq!(run_launcher_with(&sys, &p, [Some(10), Some(11), Some(12)], Some(size)), 0);
+    let calls = sys.calls();
+    // PID 1 lets go of the caller's terminal first: its fds 0-2 are /dev/null.
+    let reset = sys.position("reset_signal_handlers");
+    assert_eq!(calls[reset + 1..reset + 4], ["dup2 10 0", "dup2 11 1", "dup2 12 2"]);
+    // The sandbox's own devpts, once mounted and the setup is done.
+    let open = sys.position("open_terminal /dev/pts/ptmx 33x77");
+    assert!(sys.position("mount devpts") < open && sys.position("no_new_privs") < open);
+    assert!(open < sys.position("clone"));
+    // The launcher keeps neither end: the slave goes before the workload
+    // runs, the master (20) with the Started report.
+    let started = sys.position("send 101 [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] with fd 20");
+    assert!(sys.position("close 21") < started);
+    assert_eq!(calls[started + 1], "close 20");
+    assert!(started < sys.position("wait_signal"));
+}
+
+#[test]
+fn a_terminal_that_cannot_be_opened_is_a_reported_setup_failure() {
+    let p = plan(&terminal_spec());
+    let sys = Recorder { fail: Some(("open_terminal", Errno::ENOSPC)), ..Recorder::default() };
+    sys.reads.borrow_mut().push_back(vec![1]);
+    let size = WindowSize { rows: 24, cols: 80 };
+    assert_eq!(run_launcher_with(&sys, &p, [Some(10), Some(11), Some(12)], Some(size)), 125);
+    // Step 0x8000_0008 (OpenTerminal), errno 28 (ENOSPC); no workload.
+    sys.position("write 101 [2, 0, 0, 0, 8, 0, 0, 128, 28, 0, 0, 0]");
+    assert!(!sys.calls().iter().any(|c| c.starts_with("clone")));
+}
+
+#[test]
+fn the_workload_leads_a_session_whose_controlling_terminal_is_its_stdio() {
+    let p = plan(&terminal_spec());
+    let sys = Recorder::default();
+    launcher::prepare_workload(&sys, &p.exec, [Some(21); 3], Some(21)).unwrap();
+    assert_eq!(
+        sys.calls(),
+        [
+            "setsid",
+            "controlling_terminal 21",
+            "dup2 21 0",
+            "dup2 21 1",
+            "dup2 21 2",
+            "cloexec_from 3",
+            "reset_signal_handlers",
+            "sigmask SIG_SETMASK"
+        ]
+    );
+}
+
+const MASTER: RawFd = 20;
+const INPUT: RawFd = 0;
+const OUTPUT: RawFd = 1;
+const RESIZED: RawFd = 30;
+
+fn ends() -> terminal::Ends {
+    terminal::Ends {
+        master: MASTER,
+        input: Some(INPUT),
+        output: Some(OUTPUT),
+        host: INPUT,
+        resized: Some(RESIZED),
+    }
+}
+
+/// A recorder answering the relay's reads and polls as scripted.
+fn relay_recorder(
+    reads: Vec<(RawFd, Result<&[u8], Errno>)>,
+    polls: Vec<Vec<(RawFd, Ready)>>,
+) -> Recorder {
+    let sys = Recorder { size: WindowSize { rows: 50, cols: 120 }, ..Recorder::default() };
+    sys.fd_reads.borrow_mut().extend(reads.into_iter().map(|(fd, r)| (fd, r.map(<[u8]>::to_vec))));
+    sys.polls.borrow_mut().extend(polls);
+    sys
+}
+
+#[test]
+fn the_relay_forwards_both_ways_follows_resizes_and_drains_until_eio() {
+    let sys = relay_recorder(
+        vec![
+            (MASTER, Ok(b"out")),
+            (RESIZED, Ok(&[1, 1])),
+            (INPUT, Ok(b"typed")),
+            (MASTER, Ok(b"last")), // hung up: what the workload wrote before
+            (MASTER, Err(Errno::EIO)),
+        ],
+        vec![
+            vec![(MASTER, Ready::IN)],
+            vec![(RESIZED, Ready::IN), (INPUT, Ready::IN)],
+            vec![(MASTER, Ready::OUT)],
+            vec![(MASTER, Ready::DONE)],
+            vec![(MASTER, Ready::DONE)],
+        ],
+    );
+    terminal::relay(&sys, ends()).unwrap();
+    assert_eq!(
+        sys.calls(),
+        [
+            // The size may have changed before anything watched for it.
+            "window_size 0",
+            "set_window_size 20 50x120",
+            "poll 20:IN 30:IN 0:IN",
+            "read 20",
+            "write 1 [111, 117, 116]",
+            "poll 20:IN 30:IN 0:IN",
+            "read 30",
+            "window_size 0",
+            "set_window_size 20 50x120",
+            "read 0",
+            // Input pending: the master is watched for room, input is not.
+            "poll 20:IN|OUT 30:IN",
+            "write 20 [116, 121, 112, 101, 100]",
+            "poll 20:IN 30:IN 0:IN",
+            "read 20",
+            "write 1 [108, 97, 115, 116]",
+            "poll 20:IN 30:IN 0:IN",
+            "read 20",
+        ]
+    );
+}
+
+#[test]
+fn the_relay_drains_output_nobody_takes_and_stops_forwarding_at_eof() {
+    // The caller's stdout is a closed pipe and its input ends: the relay
+    // still reads the master to the end, so the workload never blocks.
+    let sys = relay_recorder(
+        vec![(INPUT, Ok(b"")), (MASTER, Ok(b"a")), (MASTER, Ok(b"b")), (MASTER, Ok(b""))],
+        vec![
+            vec![(INPUT, Ready::DONE)],
+            vec![(MASTER, Ready::IN)],
+            vec![(MASTER, Ready::IN)],
+            vec![(MASTER, Ready::IN)],
+        ],
+    );
+    let sys = Recorder { fail: Some(("write 1", Errno::EPIPE)), ..sys };
+    terminal::relay(&sys, ends()).unwrap();
+    let calls = sys.calls();
+    assert_eq!(calls.iter().filter(|c| c.starts_with("write 1")).count(), 1, "{calls:#?}");
+    assert_eq!(calls.iter().filter(|c| *c == "poll 20:IN 30:IN").count(), 3, "{calls:#?}");
+    assert_eq!(calls.last().unwrap(), "read 20");
+}
+
+#[test]
+fn raw_mode_ends_with_its_guard() {
+    let sys = Recorder::default();
+    let raw = terminal::RawMode::enter(&sys, 0).unwrap();
+    assert_eq!(sys.calls(), ["make_raw 0"]);
+    drop(raw);
+    assert_eq!(sys.calls(), ["make_raw 0", "restore_mode 0"]);
 }

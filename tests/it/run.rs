@@ -382,33 +382,72 @@ rootless_test! {
     }
 }
 
-/// `pkg ARGS` run by `script`, on a terminal of its own: what the terminal shows.
-fn in_terminal(ctx: &TestContext, args: &[&str]) -> String {
+/// pkg's path and `args`, quoted for sh.
+fn pkg_line(args: &[&str]) -> String {
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
     let mut line = quote(env!("CARGO_BIN_EXE_pkg"));
     for arg in args {
         line.push(' ');
         line.push_str(&quote(arg));
     }
+    line
+}
+
+/// `script` runs the sh command `line` on a terminal of its own, fed
+/// `input` (each chunk once its file exists, if it names one), then EOF: the
+/// exit code of `line` and what the terminal shows, carriage returns removed.
+fn on_terminal(ctx: &TestContext, line: &str, input: &[(Option<&Path>, &[u8])]) -> (i32, String) {
     // pkg's environment, without its env_clear (Command cannot copy that).
     let pkg = ctx.pkg();
-    let out = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
+    let mut child = Command::new("script")
+        .args(["-qec", line, "/dev/null"])
         .env_clear()
         .envs(pkg.get_envs().filter_map(|(k, v)| Some((k, v?))))
         .current_dir(ctx.root())
-        .stdin(Stdio::null())
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run script (util-linux's bsdutils)");
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).replace("\r\n", "\n")
+    let mut stdin = child.stdin.take().unwrap();
+    let chunks: Vec<(Option<PathBuf>, Vec<u8>)> =
+        input.iter().map(|(file, b)| (file.map(Path::to_path_buf), b.to_vec())).collect();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        for (file, bytes) in chunks {
+            if let Some(file) = file {
+                wait_for_file(&file);
+            }
+            let _ = stdin.write_all(&bytes);
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    (out.status.code().unwrap_or(-1), stdout(&out).replace('\r', ""))
+}
+
+/// Waits (bounded) for `file` to exist.
+fn wait_for_file(file: &Path) {
+    let start = Instant::now();
+    while !file.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{} never appeared", file.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `pkg ARGS` run by `script`, on a terminal of its own: what the terminal shows.
+fn in_terminal(ctx: &TestContext, args: &[&str]) -> String {
+    let (code, shown) = on_terminal(ctx, &pkg_line(args), &[]);
+    assert_eq!(code, 0, "{shown}");
+    shown
 }
 
 rootless_test! {
-    /// Only -t gives the workload the caller's terminal: otherwise it has no
+    /// No workload shares the caller's terminal: without -t it has no
     /// controlling terminal, so it cannot open /dev/tty to read the caller's
-    /// keystrokes or push input into the caller's shell (TIOCSTI).
-    fn only_tty_shares_the_callers_terminal() {
+    /// keystrokes or push input into the caller's shell (TIOCSTI); with -t
+    /// its controlling terminal is a pseudo-terminal of the sandbox's own.
+    fn no_workload_shares_the_callers_terminal() {
         let ctx = TestContext::new();
         let image = busybox_image(&ctx);
         let probe = "if (: </dev/tty) 2>/dev/null; then echo terminal; else echo none; fi; \
@@ -417,8 +456,149 @@ rootless_test! {
         assert_eq!(shown, "none\n0\n");
         let shown = in_terminal(&ctx, &["run", "-i", &image, "sh", "-c", probe]);
         assert_eq!(shown, "none\n0\n");
+        // /dev/pts/0 (136:0) of the sandbox's devpts.
         let shown = in_terminal(&ctx, &["run", "-t", &image, "sh", "-c", probe]);
-        assert!(shown.starts_with("terminal\n") && !shown.ends_with("\n0\n"), "{shown:?}");
+        assert_eq!(shown, "terminal\n34816\n");
+        // -t without a terminal on stdin passes the streams through, and
+        // still in a session of its own.
+        let line = format!("{} </dev/null", pkg_line(&["run", "-t", &image, "sh", "-c", probe]));
+        assert_eq!(on_terminal(&ctx, &line, &[]), (0, "none\n0\n".into()));
+    }
+}
+
+rootless_test! {
+    /// `-t` allocates a pseudo-terminal from the sandbox's devpts, sized like
+    /// the caller's, and nothing inside holds the caller's terminal.
+    fn tty_gets_a_pseudo_terminal_of_the_sandbox() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let probe = "tty; cut -d' ' -f7 /proc/self/stat; stty size; stat -L -c %d /dev/stdin; \
+                     for fd in 0 1 2; do readlink /proc/1/fd/$fd; done; echo \"$TERM\"";
+        let line = format!(
+            "stty rows 33 cols 77; stat -L -c %d /dev/stdin; TERM=vt100 {}",
+            pkg_line(&["run", "-t", &image, "sh", "-c", probe])
+        );
+        let (code, shown) = on_terminal(&ctx, &line, &[]);
+        assert_eq!(code, 0, "{shown}");
+        let lines: Vec<&str> = shown.lines().collect();
+        let [caller_devpts, tty, tty_field, size, devpts, fd0, fd1, fd2, term] = lines[..] else {
+            panic!("{shown:?}")
+        };
+        assert_eq!((tty, tty_field, size, term), ("/dev/pts/0", "34816", "33 77", "vt100"));
+        assert_ne!(devpts, caller_devpts, "the terminal is of the caller's devpts");
+        // PID 1 (the launcher) let go of the caller's terminal.
+        assert_eq!([fd0, fd1, fd2], ["/dev/null"; 3]);
+    }
+}
+
+rootless_test! {
+    fn tty_output_is_complete_and_the_exit_status_passes_through() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        for _ in 0..3 {
+            let (code, shown) = on_terminal(&ctx, &pkg_line(&["run", "-t", &image, "echo", "hi"]), &[]);
+            assert_eq!((code, shown.as_str()), (0, "hi\n"));
+        }
+        // Through the sandbox's terminal, not passed through.
+        let seq = pkg_line(&["run", "-t", &image, "sh", "-c", "tty; seq 1 5000"]);
+        let (code, shown) = on_terminal(&ctx, &seq, &[]);
+        assert_eq!(code, 0, "{shown}");
+        let expected: Vec<String> =
+            std::iter::once("/dev/pts/0".to_string()).chain((1..=5000).map(|i| i.to_string())).collect();
+        assert_eq!(shown.lines().collect::<Vec<_>>(), expected);
+        let (code, shown) = on_terminal(&ctx, &pkg_line(&["run", "-t", &image, "seq", "1", "2000"]), &[]);
+        assert_eq!((code, shown.lines().last()), (0, Some("2000")));
+        let exit = |script: &str| on_terminal(&ctx, &pkg_line(&["run", "-t", &image, "sh", "-c", script]), &[]);
+        assert_eq!(exit("tty; exit 3"), (3, "/dev/pts/0\n".into()));
+        assert_eq!(exit("kill -KILL $$").0, 128 + 9);
+        // Failures before the workload runs keep their codes.
+        let (code, shown) = on_terminal(&ctx, &pkg_line(&["run", "-t", "--entrypoint", "/nope", &image]), &[]);
+        assert_eq!(code, 127, "{shown}");
+    }
+}
+
+rootless_test! {
+    /// `-it`: what the caller types reaches the workload through its
+    /// terminal, the caller's terminal in raw mode meanwhile: Ctrl-C is a
+    /// byte that the pseudo-terminal turns into SIGINT for the workload's
+    /// whole foreground process group (a forwarded signal would reach the
+    /// shell alone, which waits for `sleep` before its trap runs).
+    fn tty_with_i_forwards_input_in_raw_mode() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let restored = |pkg: String| {
+            format!(
+                "before=$(stty -g); {pkg}; code=$?; \
+                 if [ \"$(stty -g)\" = \"$before\" ]; then echo restored; fi; exit $code"
+            )
+        };
+        let read = pkg_line(&["run", "-it", &image, "sh", "-c", "read line; echo \"got $line\"; exit 4"]);
+        // Typed before pkg switches to raw mode: still forwarded.
+        let (code, shown) = on_terminal(&ctx, &restored(read), &[(None, b"hello\n")]);
+        assert_eq!(code, 4, "{shown}");
+        assert!(shown.contains("got hello\n") && shown.ends_with("restored\n"), "{shown:?}");
+        // What raw mode passes on unchanged: a line without ICRNL's help.
+        let head = pkg_line(&["run", "-it", &image, "head", "-n1"]);
+        let (code, shown) = on_terminal(&ctx, &head, &[(None, b"one line\n")]);
+        assert_eq!(code, 0, "{shown}");
+        assert!(shown.contains("one line\n"), "{shown:?}");
+        let sync = ctx.root().join("sync");
+        std::fs::create_dir(&sync).unwrap();
+        let volume = format!("{}:/sync", sync.display());
+        // The subshell (traps reset) is interrupted wherever the byte finds it.
+        let script =
+            "trap 'echo trapped' INT; (touch /sync/ready; exec sleep 10); echo \"sleep: $?\"";
+        let interrupted = pkg_line(&["run", "-it", "-v", &volume, &image, "sh", "-c", script]);
+        let ready = sync.join("ready");
+        let (code, shown) = on_terminal(&ctx, &restored(interrupted), &[(Some(&ready), b"\x03")]);
+        assert_eq!(code, 0, "{shown}");
+        assert!(shown.contains("trapped\nsleep: 130\nrestored\n"), "{shown:?}");
+    }
+}
+
+rootless_test! {
+    /// `-t` alone, as docker's: nothing typed is forwarded and the caller's
+    /// terminal keeps its mode, so Ctrl-C there is pkg's SIGINT, which
+    /// reaches the workload forwarded, once.
+    fn tty_without_i_forwards_signals_not_keystrokes() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let sync = ctx.root().join("sync");
+        std::fs::create_dir(&sync).unwrap();
+        let volume = format!("{}:/sync", sync.display());
+        let script = "n=0; trap 'n=$((n+1))' INT; touch /sync/ready; \
+                      while [ $n -eq 0 ]; do sleep 0.05; done; sleep 0.3; echo \"INT $n\"; \
+                      if read -t 0 line; then echo input; else echo no input; fi; exit 5";
+        // exec: the shell script runs pkg in would take the SIGINT too.
+        let line = format!("exec {}", pkg_line(&["run", "-t", "-v", &volume, &image, "sh", "-c", script]));
+        let ready = sync.join("ready");
+        let (code, shown) = on_terminal(&ctx, &line, &[(Some(&ready), b"typed\n\x03")]);
+        assert_eq!(code, 5, "{shown}");
+        assert!(shown.ends_with("INT 1\nno input\n"), "{shown:?}");
+    }
+}
+
+rootless_test! {
+    /// A resize of the caller's terminal reaches the workload's: SIGWINCH
+    /// and the new size.
+    fn tty_follows_the_callers_window_size() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let sync = ctx.root().join("sync");
+        std::fs::create_dir(&sync).unwrap();
+        let volume = format!("{}:/sync", sync.display());
+        let script = "stty size; trap 'stty size; exit 0' WINCH; touch /sync/ready; \
+                      i=0; while [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; echo timeout";
+        // In the background of a shell without job control stdin would be
+        // /dev/null: it is the terminal explicitly.
+        let line = format!(
+            "stty rows 20 cols 60; {} </dev/tty & \
+             while [ ! -e '{}' ]; do sleep 0.02; done; stty rows 50 cols 120; wait $!",
+            pkg_line(&["run", "-t", "-v", &volume, &image, "sh", "-c", script]),
+            sync.join("ready").display()
+        );
+        let (code, shown) = on_terminal(&ctx, &line, &[]);
+        assert_eq!((code, shown.as_str()), (0, "20 60\n50 120\n"));
     }
 }
 
