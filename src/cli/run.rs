@@ -8,7 +8,7 @@
 use std::cell::LazyCell;
 use std::ffi::OsString;
 use std::io::IsTerminal;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -177,7 +177,7 @@ impl From<RunError> for Failure {
 }
 
 fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
-    let host = host_facts(settings);
+    let mut host = host_facts(settings);
     let options = options(&args, settings)?;
     let (store, image) = match Target::parse(&args.target, &settings.cwd) {
         Target::Recipe(path) => from_recipe(path, &args.target, args.platform, &host, settings)?,
@@ -199,6 +199,7 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
             (store, image)
         }
     };
+    host.stdin = relayed_stdin(&args)?;
     let mut prepared = crate::run::prepare(&store, &image, &options, &host)?;
     let sandbox = Sandbox::new();
     let status = run_with_overlay(
@@ -374,6 +375,27 @@ fn foreign(
     Ok(RunImage::from_imported(store, &args.target, imported)?)
 }
 
+/// With `-i` but not `-t`, a terminal on stdin reaches the workload through a
+/// pipe that a thread of pkg fills, as docker relays it: the workload never
+/// holds the caller's terminal (it could read keystrokes meant for the shell
+/// while pkg is stopped), and stopping pkg (Ctrl-Z) stops its input too. The
+/// thread ends at the terminal's end of input, or with pkg.
+fn relayed_stdin(args: &RunArgs) -> Result<Option<OwnedFd>, Failure> {
+    if !args.interactive || args.tty || !std::io::stdin().is_terminal() {
+        return Ok(None);
+    }
+    let failed = |e: std::io::Error| miette::miette!("cannot relay standard input: {e}");
+    let (reader, mut writer) = std::io::pipe().map_err(failed)?;
+    std::thread::Builder::new()
+        .name("pkg-stdin".into())
+        .spawn(move || {
+            // Ends when the workload closes its end (EPIPE) or input ends.
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut writer);
+        })
+        .map_err(failed)?;
+    Ok(Some(reader.into()))
+}
+
 /// What this machine offers the sandbox.
 fn host_facts(settings: &Settings) -> RunHost {
     let (uid, gid, path) = (settings.uid, settings.gid, settings.path.clone());
@@ -391,6 +413,7 @@ fn host_facts(settings: &Settings) -> RunHost {
             .is_terminal()
             .then(|| std::io::stdin().as_fd().try_clone_to_owned().ok())
             .flatten(),
+        stdin: None,
     }
 }
 
@@ -449,7 +472,6 @@ fn options(args: &RunArgs, settings: &Settings) -> Result<RunOptions, Failure> {
         hostname: args.hostname.clone(),
         interactive: args.interactive,
         tty: args.tty,
-        foreground: !args.tty && args.interactive && std::io::stdin().is_terminal(),
     })
 }
 

@@ -81,6 +81,8 @@ pub enum RunError {
     Exec { image: String, program: String, failure: ExecFailure },
     #[error("cannot duplicate the terminal's descriptor")]
     Terminal(#[source] std::io::Error),
+    #[error("cannot duplicate the relayed standard input's descriptor")]
+    Stdin(#[source] std::io::Error),
 }
 
 impl RunError {
@@ -261,11 +263,6 @@ pub struct RunOptions {
     /// [`crate::sandbox::terminal`]); without, the streams pass through as
     /// they are.
     pub tty: bool,
-    /// The workload reads the caller's terminal itself (`-i` on a terminal,
-    /// without `-t`), so it stays in the caller's process group for job
-    /// control; otherwise it gets a group of its own and signals reach it
-    /// only forwarded, once.
-    pub foreground: bool,
 }
 
 /// Subordinate id ranges the caller may map, with the helpers that map them.
@@ -300,6 +297,12 @@ pub struct RunHost {
     /// The caller's terminal, when its stdin is one: `-t` gives the workload
     /// a pseudo-terminal that follows it.
     pub terminal: Option<OwnedFd>,
+    /// What the workload reads with `-i` instead of the caller's stdin itself
+    /// (inherited when `None`). The CLI relays a terminal through a pipe, as
+    /// docker does, so that no workload ever holds the caller's terminal as
+    /// its stdin: stopping pkg (Ctrl-Z) stops its input, and the workload
+    /// never competes with the shell for keystrokes.
+    pub stdin: Option<OwnedFd>,
 }
 
 /// A sandbox ready to start, and the leases on its layers' checkouts: keep
@@ -417,7 +420,11 @@ pub fn prepare(
     spec.env = env_vars;
     spec.cwd = PathBuf::from(workdir);
     spec.stdio = Stdio {
-        stdin: if options.interactive { StdioSource::Inherit } else { StdioSource::Null },
+        stdin: match (options.interactive, &host.stdin) {
+            (false, _) => StdioSource::Null,
+            (true, None) => StdioSource::Inherit,
+            (true, Some(relayed)) => StdioSource::Fd(relayed.try_clone().map_err(RunError::Stdin)?),
+        },
         stdout: StdioSource::Inherit,
         stderr: StdioSource::Inherit,
     };
@@ -425,7 +432,9 @@ pub fn prepare(
     // terminal: it could open it as /dev/tty and push input into the
     // caller's shell (TIOCSTI). With -t on a terminal it gets one of its own.
     spec.new_session = true;
-    spec.own_process_group = !options.foreground;
+    // Signals from the caller's terminal reach pkg alone, which forwards
+    // them once.
+    spec.own_process_group = true;
     if let Some(host) = host.terminal.as_ref().filter(|_| options.tty) {
         spec.terminal = Some(Terminal {
             host: host.try_clone().map_err(RunError::Terminal)?,

@@ -557,6 +557,29 @@ rootless_test! {
 }
 
 rootless_test! {
+    /// `-i` on a terminal, without `-t`: as with docker, input reaches the
+    /// workload through a pipe that pkg fills, so the workload never holds
+    /// the terminal (and a stopped pkg stops its input); Ctrl-C is pkg's
+    /// SIGINT, forwarded once.
+    fn interactive_input_from_a_terminal_is_relayed_through_a_pipe() {
+        let ctx = TestContext::new();
+        let image = busybox_image(&ctx);
+        let sync = ctx.root().join("sync");
+        std::fs::create_dir(&sync).unwrap();
+        let volume = format!("{}:/sync", sync.display());
+        let script = "readlink /proc/self/fd/0 | cut -c1-5; touch /sync/ready; \
+                      head -n1 | tr a-z A-Z; \
+                      n=0; trap 'n=$((n+1))' INT; touch /sync/trap; sleep 1; echo \"INT $n\"";
+        // exec: the shell around pkg would see the SIGINT too and exit 130.
+        let line = format!("exec {}", pkg_line(&["run", "-i", "-v", &volume, &image, "sh", "-c", script]));
+        let (ready, trap) = (sync.join("ready"), sync.join("trap"));
+        let input: &[(Option<&Path>, &[u8])] = &[(Some(&ready), b"abc\n"), (Some(&trap), b"\x03")];
+        let (code, shown) = on_terminal(&ctx, &line, input);
+        assert_eq!((code, shown.as_str()), (0, "pipe:\nabc\nABC\n^CINT 1\n"));
+    }
+}
+
+rootless_test! {
     /// `-t` alone, as docker's: nothing typed is forwarded and the caller's
     /// terminal keeps its mode, so Ctrl-C there is pkg's SIGINT, which
     /// reaches the workload forwarded, once.
