@@ -28,10 +28,11 @@
 //! into the upper layer. Its files are cached inodes too, kept apart from the
 //! read-only ones by the mode in their names, and shared by every such checkout.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -172,10 +173,14 @@ impl Store {
         let source = if cached.exists() {
             cached
         } else {
-            let tmp = self.materialise(file, mode)?;
-            let source = tmp.to_path_buf();
-            pending.0.lock().unwrap_or_else(|e| e.into_inner()).push((tmp, cached));
-            source
+            // One temp file per content and mode, whoever needs it first
+            // writes it; the others wait for it and link it too.
+            let slot = pending.slot(cached);
+            let mut tmp = slot.lock().unwrap_or_else(|e| e.into_inner());
+            match &mut *tmp {
+                Some(tmp) => tmp.to_path_buf(),
+                empty @ None => empty.insert(self.materialise(file, mode)?).to_path_buf(),
+            }
         };
         match std::fs::hard_link(&source, path) {
             Ok(()) => Ok(()),
@@ -215,7 +220,7 @@ impl Store {
     /// it replaces two fsyncs per new file, which cost far more on images of
     /// thousands of files.
     fn publish_cached(&self, pending: Pending, dirs: bool) -> Result<()> {
-        let pending = pending.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        let pending = pending.into_files();
         if pending.is_empty() && !dirs {
             return Ok(());
         }
@@ -235,9 +240,35 @@ impl Store {
 }
 
 /// Cached files a checkout created, as temp files waiting for
-/// [`Store::publish_cached`]; dropped unpublished, they are deleted.
+/// [`Store::publish_cached`], by cached path; dropped unpublished, they are
+/// deleted. One slot per cached path, so identical files of one checkout
+/// share one inode even before the cache names it.
 #[derive(Default)]
-struct Pending(Mutex<Vec<(tempfile::TempPath, PathBuf)>>);
+struct Pending(Mutex<HashMap<PathBuf, Slot>>);
+
+/// The temp file of one cached path, once written (empty after a failure,
+/// so the next one needing it tries again and meets its own error).
+type Slot = Arc<Mutex<Option<tempfile::TempPath>>>;
+
+impl Pending {
+    fn slot(&self, cached: PathBuf) -> Slot {
+        let mut slots = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(slots.entry(cached).or_default())
+    }
+
+    /// The temp files written, with their cached paths. Call once nothing
+    /// else holds a slot.
+    fn into_files(self) -> Vec<(tempfile::TempPath, PathBuf)> {
+        let slots = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        slots
+            .into_iter()
+            .filter_map(|(cached, slot)| {
+                let tmp = Arc::into_inner(slot)?.into_inner().unwrap_or_else(|e| e.into_inner());
+                Some((tmp?, cached))
+            })
+            .collect()
+    }
+}
 
 /// A shared checkout in use (see [`Store::shared_checkout`]): a shared
 /// `flock` on its directory, which `gc` tries to take exclusively first.

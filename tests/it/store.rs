@@ -731,7 +731,9 @@ fn shared_checkouts_keep_exact_modes_and_survive_gc_while_leased() {
     let dir = ctx.root().join("content");
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
     std::fs::write(dir.join("conf"), "x\n").unwrap();
+    std::fs::write(dir.join("tmp/same"), "x\n").unwrap();
     set_mode(&dir.join("conf"), 0o644);
+    set_mode(&dir.join("tmp/same"), 0o644);
     set_mode(&dir.join("tmp"), 0o1777);
     let tree = store.ingest_dir(&dir, &|_: &Path, _: &std::fs::Metadata| false).unwrap();
     let lease = store.shared_checkout(&tree).unwrap();
@@ -739,12 +741,14 @@ fn shared_checkouts_keep_exact_modes_and_survive_gc_while_leased() {
     assert_eq!(mode(&lease.path().join("conf")), 0o644);
     assert_eq!(mode(&lease.path().join("tmp")), 0o1777);
     assert_eq!(mode(lease.path()), 0o755);
-    // Its new cached file got its name (the same inode), and no temp file is left.
+    // Identical files share one new cached file, which got its name (the
+    // same inode), and no temp file is left.
     let cached: Vec<_> = walk_files(&store.root().join("checkouts/files"));
     assert_eq!(cached.len(), 1);
     use std::os::unix::fs::MetadataExt;
     let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
     assert_eq!(ino(&cached[0]), ino(&lease.path().join("conf")));
+    assert_eq!(ino(&cached[0]), ino(&lease.path().join("tmp/same")));
     assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
     // No ref keeps the tree, but a run holds the checkout: gc leaves it.
     let report = store.gc(false).unwrap();
