@@ -147,8 +147,8 @@ pub(super) fn blobs_dir(dir: &Path) -> PathBuf {
 /// the store's layer cache are one inode, read-only (0444) like every blob:
 /// OCI tools never write a blob in place (they write new blobs under new
 /// names), and a blob damaged in place anyway is caught the next time the
-/// cache's copy is read, since a cached blob is always hashed while it is
-/// copied out (and `umoci`, `skopeo` and registries check digests too).
+/// cache's copy goes into a layout or an archive, since both hash it on the
+/// way (and `umoci`, `skopeo` and registries check digests too).
 pub(super) fn links_to_store(store: &Store, blobs_dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
@@ -278,6 +278,7 @@ pub fn write_oci_archive(store: &Store, path: &Path, images: &[AssembledImage]) 
             h.set_gid(0);
             h
         };
+        let mut corrupt = None;
         let result = (|| -> io::Result<()> {
             // Sorted by path bytes: blobs/ < blobs/sha256/ < blobs/sha256/HEX < index.json < oci-layout.
             tar.append_data(
@@ -294,8 +295,18 @@ pub fn write_oci_archive(store: &Store, path: &Path, images: &[AssembledImage]) 
                 let file = open_blob(store, &blob).map_err(io::Error::other)?;
                 let name = format!("blobs/sha256/{}", blob.digest);
                 let mut h = header(tar::EntryType::Regular, 0o444, blob.size);
-                // The size was checked on open; the tar crate fails if the file changes length.
-                tar.append_data(&mut h, name, file)?;
+                // The size was checked on open; the tar crate fails if the file
+                // changes length. The content is hashed on the way.
+                let mut hashing = super::import::HashingReader::new(file);
+                tar.append_data(&mut h, name, &mut hashing)?;
+                let (digest, _) = hashing.finish();
+                if digest != blob.digest {
+                    let reason = format!("its content hashes to sha256:{digest}");
+                    let layout = store.root().join("layers");
+                    let digest = blob.digest.clone();
+                    corrupt = Some(ImageError::CorruptBlob { layout, digest, reason });
+                    return Err(io::Error::other("a corrupt blob"));
+                }
             }
             tar.append_data(
                 &mut header(tar::EntryType::Regular, 0o644, index.len() as u64),
@@ -309,6 +320,9 @@ pub fn write_oci_archive(store: &Store, path: &Path, images: &[AssembledImage]) 
             )?;
             tar.into_inner()?.flush()
         })();
+        if let Some(corrupt) = corrupt {
+            return Err(corrupt);
+        }
         result.map_err(tar_err)?;
     }
     tmp.as_file().sync_all().map_err(io_err("sync", path))?;

@@ -16,9 +16,12 @@
 //! power loss it may be missing or torn, which its readers treat as absent.
 //!
 //! A link staged with [`Staged::add_link`] gives a second name to a file
-//! published in the same step (or already in place): it is made after that
-//! step's renames and its directory is synced with theirs. The inode's data
-//! was synced in step 1, so the new name is as durable as a copy would be.
+//! published in the same step (or already in place): it is made from the
+//! staged file's temp file, the inode just written, before that step's
+//! renames (so even when the step keeps an existing file under the name, the
+//! link gets the new content), and its directory is synced with theirs. The
+//! inode's data was synced in step 1, so the new name is as durable as a copy
+//! would be.
 //! Where the filesystem refuses the link (another filesystem, a hard-link
 //! limit), the file is copied instead, and the copy synced before it is renamed.
 //!
@@ -130,9 +133,9 @@ impl Staged {
         lock(&self.steps)[step as usize].files.push(file);
     }
 
-    /// Stages `dest` to become a hard link to `from` in `step`, after the
-    /// step's files are renamed: `from` is a file staged in the same step or
-    /// one already durable under its name. An existing `dest` is kept (the
+    /// Stages `dest` to become a hard link to `from` in `step`: to the file
+    /// staged in the same step to become `from` if there is one (its temp
+    /// file), else to the durable file named `from`. An existing `dest` is kept (the
     /// name is a hash of the content); where no link can be made, `from` is
     /// copied and the copy synced.
     pub fn add_link(&self, step: Step, from: PathBuf, dest: PathBuf) {
@@ -198,6 +201,16 @@ impl Staged {
         }
         for step in steps {
             let mut dirs = step.dirs;
+            // Links first, from a file staged under `from` when there is one:
+            // its temp file is the inode just written and synced, whatever
+            // `from` holds now (a kept older copy).
+            for link in step.links {
+                if let Some(parent) = link.dest.parent() {
+                    dirs.insert(parent.to_path_buf());
+                }
+                let staged = step.files.iter().find(|f| f.dest == link.from);
+                link_or_copy(staged.map_or(&link.from, |f| f.tmp.path()), &link.dest)?;
+            }
             for file in step.files {
                 if file.existing == Existing::Keep && file.dest.exists() {
                     continue;
@@ -207,12 +220,6 @@ impl Staged {
                 if let (Syncing::Started(_), Some(parent)) = (file.sync, dest.parent()) {
                     dirs.insert(parent.to_path_buf());
                 }
-            }
-            for link in step.links {
-                if let Some(parent) = link.dest.parent() {
-                    dirs.insert(parent.to_path_buf());
-                }
-                link_or_copy(&link.from, &link.dest)?;
             }
             sync_dirs(&dirs, &lenient)?;
         }
@@ -359,6 +366,21 @@ mod tests {
         let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
         assert_eq!(ino(&link), ino(&blob));
         assert_eq!(std::fs::read(&kept).unwrap(), b"first");
+    }
+
+    /// A link names the inode just staged, not an older file kept under `from`.
+    #[test]
+    fn links_name_the_staged_inode_even_when_an_older_file_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blob, link) = (dir.path().join("blob"), dir.path().join("link"));
+        std::fs::write(&blob, b"older").unwrap();
+        let staged = Staged::new();
+        staged.add(Step::Content, temp_with(dir.path(), b"fresh"), blob.clone(), Existing::Keep);
+        staged.add_link(Step::Content, blob.clone(), link.clone());
+        staged.publish().unwrap();
+        assert_eq!(std::fs::read(&blob).unwrap(), b"older");
+        assert_eq!(std::fs::read(&link).unwrap(), b"fresh");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

@@ -597,8 +597,14 @@ fn image_verify_detects_a_corrupt_blob() {
     let mut bytes = std::fs::read(&cached).unwrap();
     bytes[0] ^= 1;
     std::fs::write(&cached, bytes).unwrap();
-    let err = image::write_oci_layout(&store, &ctx.root().join("other"), &[image]).unwrap_err();
+    let images = std::slice::from_ref(&image);
+    let err = image::write_oci_layout(&store, &ctx.root().join("other"), images).unwrap_err();
     assert!(matches!(err, ImageError::CorruptBlob { .. }), "{err:?}");
+    // And when writing an archive, which is left unwritten.
+    let archive = ctx.root().join("image.tar");
+    let err = image::write_oci_archive(&store, &archive, images).unwrap_err();
+    assert!(matches!(err, ImageError::CorruptBlob { .. }), "{err:?}");
+    assert!(!archive.exists());
 }
 
 /// A files-only image with fixed inputs: its digests pin the whole format

@@ -57,7 +57,8 @@ use super::BlobRef;
 use crate::digest::Digest;
 use crate::platform::Platform;
 use crate::store::{Batch, ImportRecord, ObjectKind, Store, StoreError};
-use source::{HashingReader, Sha256, Source, drain};
+pub(crate) use source::HashingReader;
+use source::{Sha256, Source, drain};
 
 /// Format tag of the metadata kept in an import record.
 const RECORD_FORMAT: &str = "pkg-import 1";
