@@ -199,8 +199,12 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
             (store, image)
         }
     };
-    host.stdin = relayed_stdin(&args)?;
+    let (relayed, relays) = relay_terminal(&args)?;
+    host.relayed = relayed;
     let mut prepared = crate::run::prepare(&store, &image, &options, &host)?;
+    // The spec holds the workload's copies now; the output relays end when
+    // those are closed too.
+    host.relayed = Default::default();
     let sandbox = Sandbox::new();
     let status = run_with_overlay(
         &mut prepared.spec,
@@ -213,7 +217,8 @@ fn start(args: RunArgs, settings: &Settings) -> Result<ExitCode, Failure> {
             }
         },
     );
-    drop(prepared.leases);
+    drop(prepared);
+    relays.finish();
     match status {
         Ok(status) => Ok(ExitCode::from(status.code().clamp(0, 255) as u8)),
         Err(error) => {
@@ -375,25 +380,71 @@ fn foreign(
     Ok(RunImage::from_imported(store, &args.target, imported)?)
 }
 
-/// With `-i` but not `-t`, a terminal on stdin reaches the workload through a
-/// pipe that a thread of pkg fills, as docker relays it: the workload never
-/// holds the caller's terminal (it could read keystrokes meant for the shell
-/// while pkg is stopped), and stopping pkg (Ctrl-Z) stops its input too. The
-/// thread ends at the terminal's end of input, or with pkg.
-fn relayed_stdin(args: &RunArgs) -> Result<Option<OwnedFd>, Failure> {
-    if !args.interactive || args.tty || !std::io::stdin().is_terminal() {
-        return Ok(None);
+/// Pipes in place of the caller's terminal, as docker and podman have
+/// without `-t`: a stream that is a terminal reaches the workload through a
+/// pipe that a thread of pkg fills or drains, so the workload never holds the
+/// terminal (it could read keystrokes meant for the shell through any of its
+/// descriptors, which are read-write). Not with `-t` on a terminal, where the
+/// workload's streams are its own pseudo-terminal. Input (`-i`) is relayed
+/// while pkg runs, so stopping pkg (Ctrl-Z) stops it; its thread ends at the
+/// terminal's end of input, or with pkg.
+fn relay_terminal(args: &RunArgs) -> Result<([Option<OwnedFd>; 3], Relays), Failure> {
+    let mut relayed: [Option<OwnedFd>; 3] = Default::default();
+    let mut relays = Relays(Vec::new());
+    let stdin_terminal = std::io::stdin().is_terminal();
+    if args.tty && stdin_terminal {
+        return Ok((relayed, relays));
     }
-    let failed = |e: std::io::Error| miette::miette!("cannot relay standard input: {e}");
-    let (reader, mut writer) = std::io::pipe().map_err(failed)?;
-    std::thread::Builder::new()
-        .name("pkg-stdin".into())
-        .spawn(move || {
-            // Ends when the workload closes its end (EPIPE) or input ends.
-            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut writer);
-        })
-        .map_err(failed)?;
-    Ok(Some(reader.into()))
+    let failed = |e: std::io::Error| miette::miette!("cannot relay the terminal: {e}");
+    let thread = |name: &str, relay: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new().name(name.into()).spawn(relay).map_err(failed)
+    };
+    if args.interactive && stdin_terminal {
+        let (reader, mut writer) = std::io::pipe().map_err(failed)?;
+        // Ends when the workload closes its end (EPIPE) or input ends; not waited for.
+        thread(
+            "pkg-stdin",
+            Box::new(move || {
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut writer);
+            }),
+        )?;
+        relayed[0] = Some(reader.into());
+    }
+    if std::io::stdout().is_terminal() {
+        let (mut reader, writer) = std::io::pipe().map_err(failed)?;
+        relays.0.push(thread(
+            "pkg-stdout",
+            Box::new(move || {
+                let _ = std::io::copy(&mut reader, &mut std::io::stdout().lock());
+            }),
+        )?);
+        relayed[1] = Some(writer.into());
+    }
+    if std::io::stderr().is_terminal() {
+        let (mut reader, writer) = std::io::pipe().map_err(failed)?;
+        relays.0.push(thread(
+            "pkg-stderr",
+            Box::new(move || {
+                let _ = std::io::copy(&mut reader, &mut std::io::stderr().lock());
+            }),
+        )?);
+        relayed[2] = Some(writer.into());
+    }
+    Ok((relayed, relays))
+}
+
+/// The output relays of [`relay_terminal`].
+struct Relays(Vec<std::thread::JoinHandle<()>>);
+
+impl Relays {
+    /// Waits until the output relays have passed on everything: call once
+    /// every copy of the pipes' write ends is closed (the sandbox has ended
+    /// and its spec is dropped).
+    fn finish(self) {
+        for relay in self.0 {
+            let _ = relay.join();
+        }
+    }
 }
 
 /// What this machine offers the sandbox.
@@ -413,7 +464,7 @@ fn host_facts(settings: &Settings) -> RunHost {
             .is_terminal()
             .then(|| std::io::stdin().as_fd().try_clone_to_owned().ok())
             .flatten(),
-        stdin: None,
+        relayed: Default::default(),
     }
 }
 

@@ -81,8 +81,8 @@ pub enum RunError {
     Exec { image: String, program: String, failure: ExecFailure },
     #[error("cannot duplicate the terminal's descriptor")]
     Terminal(#[source] std::io::Error),
-    #[error("cannot duplicate the relayed standard input's descriptor")]
-    Stdin(#[source] std::io::Error),
+    #[error("cannot duplicate a relayed standard stream's descriptor")]
+    Stdio(#[source] std::io::Error),
 }
 
 impl RunError {
@@ -297,12 +297,12 @@ pub struct RunHost {
     /// The caller's terminal, when its stdin is one: `-t` gives the workload
     /// a pseudo-terminal that follows it.
     pub terminal: Option<OwnedFd>,
-    /// What the workload reads with `-i` instead of the caller's stdin itself
-    /// (inherited when `None`). The CLI relays a terminal through a pipe, as
-    /// docker does, so that no workload ever holds the caller's terminal as
-    /// its stdin: stopping pkg (Ctrl-Z) stops its input, and the workload
-    /// never competes with the shell for keystrokes.
-    pub stdin: Option<OwnedFd>,
+    /// What the workload gets instead of the caller's own stdin (with `-i`),
+    /// stdout and stderr; inherited when `None`. The CLI relays a terminal
+    /// through a pipe, as docker and podman do, so that no workload ever holds
+    /// the caller's terminal: it can neither read keystrokes meant for the
+    /// shell through it nor compete with the shell while pkg is stopped.
+    pub relayed: [Option<OwnedFd>; 3],
 }
 
 /// A sandbox ready to start, and the leases on its layers' checkouts: keep
@@ -419,14 +419,14 @@ pub fn prepare(
     spec.hostname = Some(hostname);
     spec.env = env_vars;
     spec.cwd = PathBuf::from(workdir);
+    let relayed = |fd: &Option<OwnedFd>| match fd {
+        Some(fd) => fd.try_clone().map(StdioSource::Fd).map_err(RunError::Stdio),
+        None => Ok(StdioSource::Inherit),
+    };
     spec.stdio = Stdio {
-        stdin: match (options.interactive, &host.stdin) {
-            (false, _) => StdioSource::Null,
-            (true, None) => StdioSource::Inherit,
-            (true, Some(relayed)) => StdioSource::Fd(relayed.try_clone().map_err(RunError::Stdin)?),
-        },
-        stdout: StdioSource::Inherit,
-        stderr: StdioSource::Inherit,
+        stdin: if options.interactive { relayed(&host.relayed[0])? } else { StdioSource::Null },
+        stdout: relayed(&host.relayed[1])?,
+        stderr: relayed(&host.relayed[2])?,
     };
     // The workload never shares the caller's terminal as its controlling
     // terminal: it could open it as /dev/tty and push input into the

@@ -450,19 +450,26 @@ rootless_test! {
     fn no_workload_shares_the_callers_terminal() {
         let ctx = TestContext::new();
         let image = busybox_image(&ctx);
+        // The controlling terminal, and what stdout and stderr are: without
+        // -t, pipes that pkg relays to the terminal, as with docker.
         let probe = "if (: </dev/tty) 2>/dev/null; then echo terminal; else echo none; fi; \
-                     cut -d' ' -f7 /proc/self/stat";
+                     cut -d' ' -f7 /proc/self/stat; \
+                     readlink /proc/$$/fd/1 | cut -c1-5; readlink /proc/$$/fd/2 | cut -c1-5";
         let shown = in_terminal(&ctx, &["run", &image, "sh", "-c", probe]);
-        assert_eq!(shown, "none\n0\n");
+        assert_eq!(shown, "none\n0\npipe:\npipe:\n");
         let shown = in_terminal(&ctx, &["run", "-i", &image, "sh", "-c", probe]);
-        assert_eq!(shown, "none\n0\n");
+        assert_eq!(shown, "none\n0\npipe:\npipe:\n");
         // /dev/pts/0 (136:0) of the sandbox's devpts.
         let shown = in_terminal(&ctx, &["run", "-t", &image, "sh", "-c", probe]);
-        assert_eq!(shown, "terminal\n34816\n");
-        // -t without a terminal on stdin passes the streams through, and
-        // still in a session of its own.
+        assert_eq!(shown, "terminal\n34816\n/dev/\n/dev/\n");
+        // -t without a terminal on stdin relays the output the same way, and
+        // the workload is still in a session of its own.
         let line = format!("{} </dev/null", pkg_line(&["run", "-t", &image, "sh", "-c", probe]));
-        assert_eq!(on_terminal(&ctx, &line, &[]), (0, "none\n0\n".into()));
+        assert_eq!(on_terminal(&ctx, &line, &[]), (0, "none\n0\npipe:\npipe:\n".into()));
+        // Relayed output is complete, in order, and the status passes through.
+        let many = "seq 1 3000 | tail -n 2; echo to stderr >&2; exit 5";
+        let line = pkg_line(&["run", &image, "sh", "-c", many]);
+        assert_eq!(on_terminal(&ctx, &line, &[]), (5, "2999\n3000\nto stderr\n".into()));
     }
 }
 
