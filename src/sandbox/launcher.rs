@@ -156,8 +156,11 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     sys.close(exec_write);
     // Only the workload writes there: a pipe's reader then sees EOF when the
     // workload and its children are done with it (the terminal's master
-    // reads EIO then).
-    for fd in launch.stdio.into_iter().flatten() {
+    // reads EIO then). PID 1 lets go of its own fds 0–2 too (the caller's,
+    // which the workload may not have been given: its terminal, above all),
+    // so no process inside reaches them through `/proc/1/fd`; it opens
+    // nothing from here on.
+    for fd in launch.stdio.into_iter().flatten().chain(0..=2) {
         sys.close(fd);
     }
     if let Some((_, slave)) = terminal {
