@@ -418,9 +418,15 @@ fn relay_terminal(args: &RunArgs) -> Result<([Option<OwnedFd>; 3], Relays), Fail
                 let _ = std::io::copy(&mut reader, &mut std::io::stdout().lock());
             }),
         )?);
-        relayed[1] = Some(writer.into());
+        let writer = OwnedFd::from(writer);
+        // stderr on the same terminal shares the pipe, so what the workload
+        // writes to both keeps its order, as on a terminal.
+        if same_terminal(std::io::stdout().as_fd(), std::io::stderr().as_fd()) {
+            relayed[2] = Some(writer.try_clone().map_err(failed)?);
+        }
+        relayed[1] = Some(writer);
     }
-    if std::io::stderr().is_terminal() {
+    if relayed[2].is_none() && std::io::stderr().is_terminal() {
         let (mut reader, writer) = std::io::pipe().map_err(failed)?;
         relays.0.push(thread(
             "pkg-stderr",
@@ -431,6 +437,12 @@ fn relay_terminal(args: &RunArgs) -> Result<([Option<OwnedFd>; 3], Relays), Fail
         relayed[2] = Some(writer.into());
     }
     Ok((relayed, relays))
+}
+
+/// Whether `a` and `b` are both terminals and the same one.
+fn same_terminal(a: std::os::fd::BorrowedFd<'_>, b: std::os::fd::BorrowedFd<'_>) -> bool {
+    let device = |fd| nix::sys::stat::fstat(fd).ok().map(|st| (st.st_dev, st.st_rdev));
+    a.is_terminal() && b.is_terminal() && device(a).is_some() && device(a) == device(b)
 }
 
 /// The output relays of [`relay_terminal`].

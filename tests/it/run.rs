@@ -473,7 +473,8 @@ rootless_test! {
             let (_, shown) = on_terminal(&ctx, &pkg_line(&args), &[]);
             assert_eq!(shown, "0\n", "{args:?}");
         }
-        // Relayed output is complete, in order, and the status passes through.
+        // Relayed output is complete and in order (stdout and stderr on one
+        // terminal share the pipe), and the status passes through.
         let many = "seq 1 3000 | tail -n 2; echo to stderr >&2; exit 5";
         let line = pkg_line(&["run", &image, "sh", "-c", many]);
         assert_eq!(on_terminal(&ctx, &line, &[]), (5, "2999\n3000\nto stderr\n".into()));
