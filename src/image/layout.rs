@@ -99,8 +99,8 @@ fn check_size(file: File, blob: &BlobRef, store: &Store) -> Result<File> {
     let path = store.oci_blob_path(&blob.digest);
     let len = file.metadata().map_err(io_err("read metadata of", &path))?.len();
     if len != blob.size {
-        return Err(ImageError::CorruptBlob {
-            layout: store.root().join("layers"),
+        return Err(ImageError::CorruptCachedBlob {
+            cache: store.root().join("layers"),
             digest: blob.digest.clone(),
             reason: format!("{len} bytes, expected {}", blob.size),
         });
@@ -108,20 +108,22 @@ fn check_size(file: File, blob: &BlobRef, store: &Store) -> Result<File> {
     Ok(file)
 }
 
-/// Copies `reader` into `out`, failing unless it hashes to `blob`.
+/// Copies `reader`, the store's copy of `blob` at `from`, into `out`,
+/// failing unless it hashes to `blob`.
 fn copy_verified(
     reader: impl Read,
     mut out: impl Write,
     blob: &BlobRef,
     from: &Path,
+    store: &Store,
 ) -> Result<()> {
     let mut hashing = super::layer::HashingWriter::new(&mut out);
     io::copy(&mut io::BufReader::with_capacity(256 * 1024, reader), &mut hashing)
         .map_err(io_err("copy", from))?;
     let (_, digest, size) = hashing.finish();
     if digest != blob.digest || size != blob.size {
-        return Err(ImageError::CorruptBlob {
-            layout: from.to_path_buf(),
+        return Err(ImageError::CorruptCachedBlob {
+            cache: store.root().join("layers"),
             digest: blob.digest.clone(),
             reason: format!("its content hashes to sha256:{digest} ({size} bytes)"),
         });
@@ -193,7 +195,9 @@ pub(super) fn stage_oci_layout(
                 let mut fresh = check_size(fresh.map_err(io_err("open", &from))?, &blob, store)?;
                 io::copy(&mut fresh, tmp.as_file_mut()).map_err(io_err("copy", &from))?;
             }
-            None => copy_verified(open_blob(store, &blob)?, tmp.as_file_mut(), &blob, &from)?,
+            None => {
+                copy_verified(open_blob(store, &blob)?, tmp.as_file_mut(), &blob, &from, store)?
+            }
         }
         set_mode(tmp.path(), 0o444)?;
         staged.add(Step::Content, tmp, dest, Existing::Keep);
@@ -302,9 +306,9 @@ pub fn write_oci_archive(store: &Store, path: &Path, images: &[AssembledImage]) 
                 let (digest, _) = hashing.finish();
                 if digest != blob.digest {
                     let reason = format!("its content hashes to sha256:{digest}");
-                    let layout = store.root().join("layers");
+                    let cache = store.root().join("layers");
                     let digest = blob.digest.clone();
-                    corrupt = Some(ImageError::CorruptBlob { layout, digest, reason });
+                    corrupt = Some(ImageError::CorruptCachedBlob { cache, digest, reason });
                     return Err(io::Error::other("a corrupt blob"));
                 }
             }

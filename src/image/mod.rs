@@ -88,6 +88,12 @@ pub enum ImageError {
     InvalidLayout { path: PathBuf, reason: String },
     #[error("blob {digest} in {} is corrupt: {reason}", layout.display())]
     CorruptBlob { layout: PathBuf, digest: String, reason: String },
+    #[error(
+        "blob {digest} in the store's layer cache is corrupt: {reason}; the cache can go: \
+         delete {} and build again",
+        cache.display()
+    )]
+    CorruptCachedBlob { cache: PathBuf, digest: String, reason: String },
     #[error("image `{image}` needs package `{package}` for {platform}, but it has no output tree")]
     MissingOutput { image: String, package: String, platform: String },
     #[error("image record `{name}` is not readable by this pkg: {reason}")]

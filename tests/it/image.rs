@@ -401,7 +401,7 @@ fn assemble_into_layout_matches_write_oci_layout() {
     let mut in_place = std::fs::OpenOptions::new().write(true).open(&layer).unwrap();
     std::io::Write::write_all(&mut in_place, &bytes).unwrap();
     let err = image::write_oci_layout(&store, &ctx.root().join("fresh"), &images).unwrap_err();
-    assert!(matches!(err, ImageError::CorruptBlob { .. }), "{err:?}");
+    assert!(matches!(err, ImageError::CorruptCachedBlob { .. }), "{err:?}");
 
     let a = package(&store, ctx.root(), "alpha", &[("etc/app.conf", "one", 0o644)]);
     let b = package(&store, ctx.root(), "beta", &[("etc/app.conf", "two", 0o644)]);
@@ -599,11 +599,25 @@ fn image_verify_detects_a_corrupt_blob() {
     std::fs::write(&cached, bytes).unwrap();
     let images = std::slice::from_ref(&image);
     let err = image::write_oci_layout(&store, &ctx.root().join("other"), images).unwrap_err();
-    assert!(matches!(err, ImageError::CorruptBlob { .. }), "{err:?}");
+    assert!(matches!(err, ImageError::CorruptCachedBlob { .. }), "{err:?}");
+    // The message says what to do: the cache can go.
+    let digest = &image.platforms[0].layers[0].blob.digest;
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "blob {digest} in the store's layer cache is corrupt: its content hashes to \
+             sha256:{} ({} bytes); the cache can go: delete {} and build again",
+            pkg::store::hex(&<sha2::Sha256 as sha2::Digest>::digest(
+                std::fs::read(&cached).unwrap()
+            )),
+            std::fs::metadata(&cached).unwrap().len(),
+            store.root().join("layers").display()
+        )
+    );
     // And when writing an archive, which is left unwritten.
     let archive = ctx.root().join("image.tar");
     let err = image::write_oci_archive(&store, &archive, images).unwrap_err();
-    assert!(matches!(err, ImageError::CorruptBlob { .. }), "{err:?}");
+    assert!(matches!(err, ImageError::CorruptCachedBlob { .. }), "{err:?}");
     assert!(!archive.exists());
 }
 
