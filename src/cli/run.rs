@@ -396,29 +396,21 @@ fn relay_terminal(args: &RunArgs) -> Result<([Option<OwnedFd>; 3], Relays), Fail
         return Ok((relayed, relays));
     }
     let failed = |e: std::io::Error| miette::miette!("cannot relay the terminal: {e}");
-    let thread = |name: &str, relay: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new().name(name.into()).spawn(relay).map_err(failed)
-    };
     if args.interactive && stdin_terminal {
         let (reader, mut writer) = std::io::pipe().map_err(failed)?;
         // Ends when the workload closes its end (EPIPE) or input ends; not waited for.
-        thread(
-            "pkg-stdin",
-            Box::new(move || {
+        std::thread::Builder::new()
+            .name("pkg-stdin".into())
+            .spawn(move || {
                 let _ = std::io::copy(&mut std::io::stdin().lock(), &mut writer);
-            }),
-        )?;
+            })
+            .map_err(failed)?;
         relayed[0] = Some(reader.into());
     }
     if std::io::stdout().is_terminal() {
-        let (mut reader, writer) = std::io::pipe().map_err(failed)?;
-        relays.0.push(thread(
-            "pkg-stdout",
-            Box::new(move || {
-                let _ = std::io::copy(&mut reader, &mut std::io::stdout().lock());
-            }),
-        )?);
-        let writer = OwnedFd::from(writer);
+        let (writer, relay) =
+            output_relay("pkg-stdout", || std::io::stdout().lock()).map_err(failed)?;
+        relays.0.push(relay);
         // stderr on the same terminal shares the pipe, so what the workload
         // writes to both keeps its order, as on a terminal.
         if same_terminal(std::io::stdout().as_fd(), std::io::stderr().as_fd()) {
@@ -427,16 +419,25 @@ fn relay_terminal(args: &RunArgs) -> Result<([Option<OwnedFd>; 3], Relays), Fail
         relayed[1] = Some(writer);
     }
     if relayed[2].is_none() && std::io::stderr().is_terminal() {
-        let (mut reader, writer) = std::io::pipe().map_err(failed)?;
-        relays.0.push(thread(
-            "pkg-stderr",
-            Box::new(move || {
-                let _ = std::io::copy(&mut reader, &mut std::io::stderr().lock());
-            }),
-        )?);
-        relayed[2] = Some(writer.into());
+        let (writer, relay) =
+            output_relay("pkg-stderr", || std::io::stderr().lock()).map_err(failed)?;
+        relays.0.push(relay);
+        relayed[2] = Some(writer);
     }
     Ok((relayed, relays))
+}
+
+/// A pipe whose read end a thread named `name` copies to `out()` until every
+/// copy of its write end (returned) is closed.
+fn output_relay<W: std::io::Write + 'static>(
+    name: &str,
+    out: fn() -> W,
+) -> std::io::Result<(OwnedFd, std::thread::JoinHandle<()>)> {
+    let (mut reader, writer) = std::io::pipe()?;
+    let relay = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let _ = std::io::copy(&mut reader, &mut out());
+    })?;
+    Ok((writer.into(), relay))
 }
 
 /// Whether `a` and `b` are both terminals and the same one.

@@ -99,13 +99,15 @@ fn check_size(file: File, blob: &BlobRef, store: &Store) -> Result<File> {
     let path = store.oci_blob_path(&blob.digest);
     let len = file.metadata().map_err(io_err("read metadata of", &path))?.len();
     if len != blob.size {
-        return Err(ImageError::CorruptCachedBlob {
-            cache: store.root().join("layers"),
-            digest: blob.digest.clone(),
-            reason: format!("{len} bytes, expected {}", blob.size),
-        });
+        return Err(corrupt_in_cache(store, blob, format!("{len} bytes, expected {}", blob.size)));
     }
     Ok(file)
+}
+
+/// The store's layer cache holds a damaged copy of `blob`.
+fn corrupt_in_cache(store: &Store, blob: &BlobRef, reason: String) -> ImageError {
+    let cache = store.root().join("layers");
+    ImageError::CorruptCachedBlob { cache, digest: blob.digest.clone(), reason }
 }
 
 /// Copies `reader`, the store's copy of `blob` at `from`, into `out`,
@@ -122,11 +124,8 @@ fn copy_verified(
         .map_err(io_err("copy", from))?;
     let (_, digest, size) = hashing.finish();
     if digest != blob.digest || size != blob.size {
-        return Err(ImageError::CorruptCachedBlob {
-            cache: store.root().join("layers"),
-            digest: blob.digest.clone(),
-            reason: format!("its content hashes to sha256:{digest} ({size} bytes)"),
-        });
+        let reason = format!("its content hashes to sha256:{digest} ({size} bytes)");
+        return Err(corrupt_in_cache(store, blob, reason));
     }
     Ok(())
 }
@@ -306,9 +305,7 @@ pub fn write_oci_archive(store: &Store, path: &Path, images: &[AssembledImage]) 
                 let (digest, _) = hashing.finish();
                 if digest != blob.digest {
                     let reason = format!("its content hashes to sha256:{digest}");
-                    let cache = store.root().join("layers");
-                    let digest = blob.digest.clone();
-                    corrupt = Some(ImageError::CorruptCachedBlob { cache, digest, reason });
+                    corrupt = Some(corrupt_in_cache(store, &blob, reason));
                     return Err(io::Error::other("a corrupt blob"));
                 }
             }
