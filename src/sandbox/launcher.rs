@@ -136,6 +136,12 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
             sys.exit(SETUP_FAILED);
         }
     };
+    // PID 1 opens nothing from here on, so it can let go of its fds 0–2
+    // (the caller's) before the fork wherever the workload gets another
+    // source: none is ever reachable through `/proc/1/fd`, not even in the
+    // moment between the workload's `execve` and the launcher's next step.
+    // The workload's `dup2` creates them again from their sources.
+    let replaced = close_replaced_stdio(sys, &stdio);
     let workload = match sys.clone_process(CloneFlags::empty()) {
         Ok(Forked::Child) => {
             sys.close(exec_read);
@@ -156,11 +162,10 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     sys.close(exec_write);
     // Only the workload writes there: a pipe's reader then sees EOF when the
     // workload and its children are done with it (the terminal's master
-    // reads EIO then). PID 1 lets go of its own fds 0–2 too (the caller's,
-    // which the workload may not have been given: its terminal, above all),
-    // so no process inside reaches them through `/proc/1/fd`; it opens
-    // nothing from here on.
-    for fd in launch.stdio.into_iter().flatten().chain(0..=2) {
+    // reads EIO then). PID 1's remaining fds 0–2 are streams the workload
+    // inherited as they are; it keeps none of them either.
+    let kept = (0..=2).filter(|&target| !replaced[target as usize]);
+    for fd in launch.stdio.into_iter().flatten().chain(kept) {
         sys.close(fd);
     }
     if let Some((_, slave)) = terminal {
@@ -187,6 +192,20 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     let status = supervise(sys, workload, launch.signals, launch.plan.exec.new_session);
     channel.report(sys, Report::Exited { wait_status: status });
     sys.exit(exit_code(status))
+}
+
+/// Closes each of fds 0–2 that the workload gets from another source in
+/// `stdio`, unless it is itself one of those sources; says which it closed.
+fn close_replaced_stdio(sys: &impl Syscall, stdio: &[Option<RawFd>; 3]) -> [bool; 3] {
+    let mut closed = [false; 3];
+    for ((target, source), closed) in (0..).zip(stdio).zip(&mut closed) {
+        let replaced = source.is_some_and(|source| source != target);
+        if replaced && !stdio.contains(&Some(target)) {
+            sys.close(target);
+            *closed = true;
+        }
+    }
+    closed
 }
 
 /// Closes every descriptor from 3 up except `keep`. The launcher inherits

@@ -630,12 +630,19 @@ fn launcher_waits_for_the_mapping_sets_up_then_supervises_as_pid_1() {
     assert!(sys.position("read 100") < sys.position("mount "), "no setup before the mapping");
     assert!(sys.position("no_new_privs") < sys.position("clone"));
     // The launcher keeps no copy of the workload's stdio once it runs, nor
-    // of its own fds 0–2 (the caller's).
+    // of its own fds 0–2 (the caller's). Those the workload gets from
+    // elsewhere (0 and 2 here) are closed before the fork, so not even a
+    // quick workload finds them in `/proc/1/fd`; the inherited one after.
     assert!(sys.position("clone") < sys.position("close 10"));
     assert!(sys.position("close 12") < sys.position("wait_signal"));
+    for fd in ["close 0", "close 2"] {
+        assert!(sys.position("pipe") < sys.position(fd), "{fd} after the last open");
+        assert!(sys.position(fd) < sys.position("clone"), "{fd}");
+    }
+    assert!(sys.position("clone") < sys.position("close 1"));
+    assert!(sys.position("close 1") < sys.position("wait_signal"));
     for fd in ["close 0", "close 1", "close 2"] {
-        assert!(sys.position("clone") < sys.position(fd), "{fd}");
-        assert!(sys.position(fd) < sys.position("wait_signal"), "{fd}");
+        assert_eq!(calls.iter().filter(|c| *c == fd).count(), 1, "{fd} once");
     }
     assert_eq!(sys.position("kill 2 15"), sys.position("wait_signal") + 1, "SIGTERM is forwarded");
     // Started, then Exited with the raw status.
