@@ -1,11 +1,17 @@
 //! The code that runs inside the sandbox: the launcher (PID 1 of the new PID
-//! namespace) and the workload between its fork and `execve`.
+//! namespace) and the workload between its clone and `execve`.
 //!
 //! Invariant: everything here runs in a process cloned from a possibly
 //! multi-threaded caller, so it must never allocate, free, lock, panic or
 //! return into the caller's code. It only reads the prepared [`Plan`], calls
 //! [`Syscall`] methods and ends with [`Syscall::exit`]. Values that own heap
 //! memory are borrowed, never dropped, here.
+//!
+//! The workload shares PID 1's memory until its `execve`
+//! ([`Syscall::spawn_sharing_memory`]), PID 1 waiting meanwhile: no copy of
+//! the caller's address space is made and dropped again for a process that
+//! only makes a few system calls. It writes to nothing but its own stack
+//! (and `errno`, which PID 1 does not read until it runs again).
 //!
 //! With a terminal ([`Launch::terminal`]) the launcher opens a pseudo-terminal
 //! from the sandbox's own devpts once the setup is done, hands the slave to
@@ -15,20 +21,24 @@
 //! reaping and forwarding signals.
 
 use std::ffi::c_int;
+use std::mem::MaybeUninit;
 use std::os::fd::{IntoRawFd, RawFd};
 
 use nix::errno::Errno;
-use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 
 use super::WindowSize;
 use super::channel::{self, LaunchStep, LauncherEnd, Report, WorkloadFailure};
 use super::plan::{ExecPlan, Plan, run_steps};
-use super::sys::{Forked, Syscall};
+use super::sys::Syscall;
 
 /// The sandbox's devpts multiplexer (`/dev/ptmx` links to it).
 const PTMX: &std::ffi::CStr = c"/dev/pts/ptmx";
+
+/// Bytes of stack for the workload before its `execve`, where it only makes
+/// system calls.
+const WORKLOAD_STACK: usize = 64 << 10;
 
 /// Signals the launcher forwards to the workload.
 pub const FORWARDED: [Signal; 6] = [
@@ -142,18 +152,21 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     // moment between the workload's `execve` and the launcher's next step.
     // The workload's `dup2` creates them again from their sources.
     let replaced = close_replaced_stdio(sys, &stdio);
-    let workload = match sys.clone_process(CloneFlags::empty()) {
-        Ok(Forked::Child) => {
-            sys.close(exec_read);
-            sys.close(channel.from_caller);
-            sys.close(channel.to_caller);
-            if let Some((master, _)) = terminal {
-                sys.close(master);
-            }
-            let controlling_terminal = terminal.map(|(_, slave)| slave);
-            workload_main(sys, &launch.plan.exec, stdio, controlling_terminal, exec_write)
+    // The workload runs on this until its `execve`, while PID 1 waits.
+    let mut stack = [MaybeUninit::uninit(); WORKLOAD_STACK];
+    let mut workload = || {
+        // Its own descriptor table: these stay open in PID 1.
+        sys.close(exec_read);
+        sys.close(channel.from_caller);
+        sys.close(channel.to_caller);
+        if let Some((master, _)) = terminal {
+            sys.close(master);
         }
-        Ok(Forked::Parent { child }) => child,
+        let controlling_terminal = terminal.map(|(_, slave)| slave);
+        workload_main(sys, &launch.plan.exec, stdio, controlling_terminal, exec_write)
+    };
+    let workload = match sys.spawn_sharing_memory(&mut stack, &mut workload) {
+        Ok(child) => child,
         Err(errno) => {
             channel.report(sys, Report::SetupFailed { step: LaunchStep::ForkWorkload, errno });
             sys.exit(SETUP_FAILED);

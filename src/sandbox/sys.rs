@@ -16,7 +16,8 @@
 
 #![allow(unsafe_code)]
 
-use std::ffi::{CStr, CString, c_char, c_int};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::mem::MaybeUninit;
 use std::os::fd::{OwnedFd, RawFd};
 
 use nix::errno::Errno;
@@ -222,6 +223,20 @@ pub trait Syscall {
     /// the C library's fork handlers (which take the allocator's locks).
     /// The child may only make async-signal-safe calls until it execs or exits.
     fn clone_process(&self, flags: CloneFlags) -> SysResult<Forked>;
+    /// Runs `child` in a new process that shares the caller's memory (not
+    /// its descriptors, signal handlers or namespaces) on `stack`, and
+    /// returns once that process has called `execve` or exited
+    /// (`CLONE_VM | CLONE_VFORK`, as `posix_spawn` does). Unlike
+    /// [`Syscall::clone_process`] it copies no address space, a cost a large
+    /// caller pays twice: at the clone, and again when the child's `execve`
+    /// drops the copy. `child` must end in `execve` or [`Syscall::exit`], and
+    /// until then write to nothing but `stack` (and `errno`): the suspended
+    /// caller still owns the rest of its memory.
+    fn spawn_sharing_memory(
+        &self,
+        stack: &mut [MaybeUninit<u8>],
+        child: &mut dyn FnMut() -> c_int,
+    ) -> SysResult<Pid>;
     /// Moves the calling process into new namespaces of the kinds in `flags`.
     fn unshare(&self, flags: CloneFlags) -> SysResult<()>;
     /// A close-on-exec pipe: (read end, write end).
@@ -586,6 +601,37 @@ impl Syscall for LinuxSyscall {
             -1 => Err(Errno::last()),
             0 => Ok(Forked::Child),
             pid => Ok(Forked::Parent { child: Pid::from_raw(pid as libc::pid_t) }),
+        }
+    }
+
+    fn spawn_sharing_memory(
+        &self,
+        stack: &mut [MaybeUninit<u8>],
+        child: &mut dyn FnMut() -> c_int,
+    ) -> SysResult<Pid> {
+        extern "C" fn start(child: *mut c_void) -> c_int {
+            // SAFETY: `child` is the `&mut dyn FnMut` below, which outlives
+            // this process's use of it: the caller stays suspended in clone
+            // until this process execs or exits.
+            let child = unsafe { &mut *child.cast::<&mut dyn FnMut() -> c_int>() };
+            child()
+        }
+        // The stack grows down from its end, which the ABI wants 16-aligned.
+        let end = stack.as_mut_ptr_range().end;
+        let top = end.wrapping_sub(end as usize % 16);
+        let mut child = child;
+        let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+        // SAFETY: `top` is the aligned end of `stack`, memory the new process
+        // may use alone while the caller is suspended (CLONE_VFORK), and
+        // `start` gets a pointer to `child`, alive for as long. Without
+        // CLONE_FILES or CLONE_SIGHAND the new process has its own copies of
+        // the descriptor table and signal handlers, so what it changes there
+        // before `execve` never reaches the caller.
+        let ret =
+            unsafe { libc::clone(start, top.cast(), flags, (&raw mut child).cast::<c_void>()) };
+        match ret {
+            -1 => Err(Errno::last()),
+            pid => Ok(Pid::from_raw(pid)),
         }
     }
 
