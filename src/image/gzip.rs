@@ -64,8 +64,15 @@ struct Job {
 struct Compressed {
     index: usize,
     last: bool,
-    member: io::Result<Vec<u8>>,
+    member: io::Result<Member>,
     input: Vec<u8>,
+}
+
+/// A gzip member: the first `len` bytes of `buf`, a buffer of [`CAPACITY`]
+/// bytes that stays that long so it is never filled with zeros again.
+struct Member {
+    buf: Vec<u8>,
+    len: usize,
 }
 
 /// Buffers of finished blocks, kept for the next ones: fresh allocations of
@@ -74,20 +81,34 @@ struct Compressed {
 struct Buffers(Mutex<Vec<Vec<u8>>>);
 
 impl Buffers {
-    /// An empty buffer of [`CAPACITY`].
+    fn reuse(&self) -> Option<Vec<u8>> {
+        self.0.lock().ok().and_then(|mut free| free.pop())
+    }
+
+    /// An empty buffer of [`CAPACITY`], for a block's input.
     fn take(&self) -> Vec<u8> {
-        let reused = self.0.lock().ok().and_then(|mut free| free.pop());
-        match reused {
+        let mut buf = self.reuse().unwrap_or_else(|| Vec::with_capacity(CAPACITY));
+        buf.clear();
+        buf
+    }
+
+    /// A buffer of [`CAPACITY`] zeros or earlier bytes, for a member. A fresh
+    /// one comes zeroed from the allocator (`calloc`: pages the kernel maps
+    /// when first written), so a member only ever touches the pages it fills;
+    /// filling it with zeros here would touch them all.
+    fn take_filled(&self) -> Vec<u8> {
+        match self.reuse() {
             Some(mut buf) => {
-                buf.clear();
+                buf.resize(CAPACITY, 0);
                 buf
             }
-            None => Vec::with_capacity(CAPACITY),
+            None => vec![0; CAPACITY],
         }
     }
 
     fn give(&self, buf: Vec<u8>) {
-        if let Ok(mut free) = self.0.lock()
+        if buf.capacity() >= CAPACITY
+            && let Ok(mut free) = self.0.lock()
             && free.len() < 2 * WINDOW
         {
             free.push(buf);
@@ -226,7 +247,7 @@ fn compress(
         let Ok(job) = job else { return };
         let member = if job.data.is_empty() && job.index > 0 {
             // Only marks the end after a last full block: no member of its own.
-            Ok(Vec::new())
+            Ok(Member { buf: Vec::new(), len: 0 })
         } else {
             gzip_member(&mut compressor, &job.data, buffers)
         };
@@ -242,16 +263,14 @@ fn gzip_member(
     compressor: &mut libdeflater::Compressor,
     block: &[u8],
     buffers: &Buffers,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<Member> {
     let bound = compressor.gzip_compress_bound(block.len());
-    let mut out = buffers.take();
-    out.resize(bound, 0);
+    let mut buf = buffers.take_filled();
     // The bound always suffices, so libdeflate never reports a short buffer.
     let len = compressor
-        .gzip_compress(block, &mut out)
+        .gzip_compress(block, &mut buf[..bound])
         .map_err(|e| io::Error::other(format!("libdeflate: {e}")))?;
-    out.truncate(len);
-    Ok(out)
+    Ok(Member { buf, len })
 }
 
 /// The writer thread: the members in input order, returning one credit per
@@ -271,8 +290,8 @@ fn write_in_order<W: Write>(
         waiting.insert(block.index, block);
         while let Some(block) = waiting.remove(&next) {
             let member = block.member?;
-            inner.write_all(&member)?;
-            buffers.give(member);
+            inner.write_all(&member.buf[..member.len])?;
+            buffers.give(member.buf);
             buffers.give(block.input);
             if block.last {
                 return Ok(inner);
