@@ -80,6 +80,8 @@ fi
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
+# The developers' documentation: every intra-doc link resolves.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --document-private-items --locked
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --locked --no-fail-fast
 else

@@ -7,6 +7,10 @@
 //! code is the sandbox's syscall layer, `sandbox/sys.rs`.
 
 #![deny(unsafe_code)]
+// The library's documentation is for pkg's developers, built with private
+// items (`cargo doc --document-private-items`, checked by scripts/test.sh), so
+// public items may link to private ones.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod build;
 pub mod cli;

@@ -11,7 +11,7 @@
 //!   (`.tar`, `.tar.gz`/`.tgz`) or the file itself.
 //!
 //! Nothing here reads the clock or the environment; downloads report progress
-//! through [`Observer`](super::Observer).
+//! through [`super::Observer`].
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -60,6 +60,9 @@ pub enum ColorChoice {
     Never,
 }
 
+// The doc comments are clap's help text, in its notation: `[:REF]` is
+// optional there, not a link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build every package the recipe's images need, each in a hermetic sandbox

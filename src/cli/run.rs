@@ -25,6 +25,9 @@ use crate::tool::HostTools;
 /// Exit status when pkg fails before the workload starts (docker's).
 pub const FAILED_TO_START: u8 = 125;
 
+// The doc comments are clap's help text, in its notation: `[:ro]` is
+// optional there, not a link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Set an environment variable; NAME alone copies yours (repeatable)

@@ -4,7 +4,7 @@
 //! checked within one file (node and option names, value types and counts,
 //! value syntax) and records each problem as an [`Issue`] instead of stopping,
 //! so a user sees every mistake of a file at once. Cross-file checks
-//! (duplicates, references, cycles) belong to [`super::load`].
+//! (duplicates, references, cycles) belong to [`super::load()`].
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,6 @@
 //! Recipes: KDL files describing packages and images.
 //!
-//! [`load`] reads a recipe and its imports and returns a checked [`Recipe`] or a
+//! [`load()`] reads a recipe and its imports and returns a checked [`Recipe`] or a
 //! [`RecipeError`] listing every problem as a miette diagnostic. The model
 //! ([`model`]) is independent of KDL; [`decode`] is the KDL adapter.
 

@@ -2,7 +2,7 @@
 //!
 //! The model does not depend on KDL. Each item keeps the [`Span`] of the text it
 //! came from so later stages (resolution, builds) can point at the recipe when
-//! they fail. Invariants once a [`Recipe`] is returned by [`super::load`]:
+//! they fail. Invariants once a [`Recipe`] is returned by [`super::load()`]:
 //! package and image names are unique and valid (letters, digits and `._-+`;
 //! image names may have `/`-separated parts), every `depends`,
 //! `build-depends` and `contents` name refers to a package, the dependency

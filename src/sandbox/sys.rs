@@ -844,17 +844,17 @@ pub fn decode_wait_status(status: c_int) -> super::ExitStatus {
 /// Forwarding of the caller's signals to a sandbox's launcher, which passes
 /// them on to the workload (see [`super::Sandbox::run_forwarding`]).
 ///
-/// While a [`Forwarder`] lives, the caller's SIGINT, SIGTERM, SIGHUP,
+/// While a [`Forwarder`](forward::Forwarder) lives, the caller's SIGINT, SIGTERM, SIGHUP,
 /// SIGQUIT, SIGUSR1 and SIGUSR2 run a handler that `kill`s the launcher with
 /// the same signal, whichever thread the kernel picks. A signal that arrives
 /// before the launcher exists is kept pending and sent by
-/// [`Forwarder::attach`], so none is lost between `install` and the clone.
+/// [`Forwarder::attach`](forward::Forwarder::attach), so none is lost between `install` and the clone.
 /// Signals the kernel generated (the terminal's SIGINT and SIGQUIT go to the
 /// whole foreground process group) are forwarded only when the sandbox is in
 /// a process group of its own: otherwise they reached it directly, and the
 /// workload gets each exactly once either way. A signal the caller ignores
 /// (`nohup`) stays ignored and is not forwarded. The
-/// launcher's pid is cleared before it is reaped, and [`Forwarder::detach`]
+/// launcher's pid is cleared before it is reaped, and [`Forwarder::detach`](forward::Forwarder::detach)
 /// waits for handlers in flight, so a forwarded signal can never reach a
 /// recycled pid.
 pub mod forward {
