@@ -175,7 +175,7 @@ pub(super) fn stage_oci_layout(
 ) -> Result<()> {
     let blobs_dir = blobs_dir(dir);
     std::fs::create_dir_all(&blobs_dir).map_err(io_err("create directory", &blobs_dir))?;
-    staged.lenient_dirs_under(dir.to_path_buf());
+    staged.output_under(dir.to_path_buf());
     let link = links_to_store(store, &blobs_dir);
     for blob in all_blobs(images) {
         let dest = blobs_dir.join(&blob.digest);

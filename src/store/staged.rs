@@ -36,6 +36,13 @@
 //! One publication may span filesystems (the store and an OCI layout written
 //! beside it): their fsyncs still overlap. Until it is published, a staged
 //! file's content is readable through [`Staged::reopen`].
+//!
+//! Files under an output directory ([`Staged::output_under`], an OCI layout)
+//! are the caller's output, not the store's: when one cannot be put in place
+//! (a link refused and its copy failing, a full disk), the rest of the
+//! publication still happens, the store's records included, except the
+//! output's files of later steps, which could name what is missing; then
+//! [`Staged::publish`] returns that first error.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -44,7 +51,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
-use super::{IoContext, Result, sync_all_together};
+use super::{IoContext, Result, StoreError, sync_all_together};
 
 /// When a staged file is renamed into place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,8 +114,8 @@ struct StepFiles {
 #[derive(Default)]
 pub struct Staged {
     steps: Mutex<[StepFiles; 2]>,
-    /// Directories at or below these may refuse fsync without failing.
-    lenient: Mutex<Vec<PathBuf>>,
+    /// Output directories: see [`Staged::output_under`].
+    outputs: Mutex<Vec<PathBuf>>,
 }
 
 impl Staged {
@@ -147,11 +154,12 @@ impl Staged {
         lock(&self.steps)[step as usize].dirs.insert(dir);
     }
 
-    /// A directory at or below `root` whose fsync fails is not an error: for
-    /// output directories, which may be on a filesystem that refuses to fsync
-    /// one (the files themselves are still synced).
-    pub fn lenient_dirs_under(&self, root: PathBuf) {
-        lock(&self.lenient).push(root);
+    /// Marks `root` as an output directory (see the module docs). A
+    /// directory at or below it whose fsync fails is not an error either: it
+    /// may be on a filesystem that refuses to fsync one (the files themselves
+    /// are still synced).
+    pub fn output_under(&self, root: PathBuf) {
+        lock(&self.outputs).push(root);
     }
 
     /// Whether a file or a link is staged to become `dest`.
@@ -174,7 +182,7 @@ impl Staged {
         // Wait for every fsync (all of them, even after a failure, so none
         // outlives the publication), then sync what got no thread.
         let mut steps = self.steps.into_inner().unwrap_or_else(|e| e.into_inner());
-        let lenient = self.lenient.into_inner().unwrap_or_else(|e| e.into_inner());
+        let outputs = self.outputs.into_inner().unwrap_or_else(|e| e.into_inner());
         let mut failed = None;
         let mut unstarted = Vec::new();
         for file in steps.iter_mut().flat_map(|s| &mut s.files) {
@@ -199,31 +207,67 @@ impl Staged {
         if let Err((i, e)) = sync_all_together(&files) {
             return Err(e).ctx("sync", unstarted[i].path());
         }
+        let mut failures = OutputFailures { outputs: &outputs, broken: Vec::new(), first: None };
         for step in steps {
             let mut dirs = step.dirs;
             // Links first, from a file staged under `from` when there is one:
             // its temp file is the inode just written and synced, whatever
             // `from` holds now (a kept older copy).
             for link in step.links {
-                if let Some(parent) = link.dest.parent() {
+                let staged = step.files.iter().find(|f| f.dest == link.from);
+                let linked = link_or_copy(staged.map_or(&link.from, |f| f.tmp.path()), &link.dest);
+                if failures.settle(&link.dest, linked)?
+                    && let Some(parent) = link.dest.parent()
+                {
                     dirs.insert(parent.to_path_buf());
                 }
-                let staged = step.files.iter().find(|f| f.dest == link.from);
-                link_or_copy(staged.map_or(&link.from, |f| f.tmp.path()), &link.dest)?;
             }
             for file in step.files {
-                if file.existing == Existing::Keep && file.dest.exists() {
+                if failures.is_broken(&file.dest)
+                    || (file.existing == Existing::Keep && file.dest.exists())
+                {
                     continue;
                 }
                 let dest = file.dest;
-                file.tmp.persist(&dest).map_err(|e| e.error).ctx("rename a temp file to", &dest)?;
-                if let (Syncing::Started(_), Some(parent)) = (file.sync, dest.parent()) {
+                let renamed = file.tmp.persist(&dest).map(drop);
+                let renamed = renamed.map_err(|e| e.error).ctx("rename a temp file to", &dest);
+                if failures.settle(&dest, renamed)?
+                    && let (Syncing::Started(_), Some(parent)) = (file.sync, dest.parent())
+                {
                     dirs.insert(parent.to_path_buf());
                 }
             }
-            sync_dirs(&dirs, &lenient)?;
+            sync_dirs(&dirs, &outputs)?;
         }
-        Ok(())
+        failures.first.map_or(Ok(()), Err)
+    }
+}
+
+/// Files of output directories that could not be put in place (see the
+/// module docs).
+struct OutputFailures<'a> {
+    outputs: &'a [PathBuf],
+    /// Output directories with such a file: nothing more goes there.
+    broken: Vec<&'a PathBuf>,
+    /// The first such failure, returned once the rest is published.
+    first: Option<StoreError>,
+}
+
+impl OutputFailures<'_> {
+    /// Whether placing `dest` went well; a store file's failure is an error
+    /// at once, an output file's is kept for the end.
+    fn settle(&mut self, dest: &Path, result: Result<()>) -> Result<bool> {
+        let Err(e) = result else { return Ok(true) };
+        let Some(root) = self.outputs.iter().find(|root| dest.starts_with(root)) else {
+            return Err(e);
+        };
+        self.broken.push(root);
+        self.first.get_or_insert(e);
+        Ok(false)
+    }
+
+    fn is_broken(&self, dest: &Path) -> bool {
+        self.broken.iter().any(|root| dest.starts_with(root))
     }
 }
 
@@ -256,8 +300,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Fsyncs directories at once (one thread each), failing on the first that
-/// cannot be synced unless it is at or below one of `lenient`.
-fn sync_dirs(dirs: &BTreeSet<PathBuf>, lenient: &[PathBuf]) -> Result<()> {
+/// cannot be synced unless it is at or below one of `outputs`.
+fn sync_dirs(dirs: &BTreeSet<PathBuf>, outputs: &[PathBuf]) -> Result<()> {
     let results: Vec<(&PathBuf, Result<()>)> = std::thread::scope(|scope| {
         let spawned: Vec<_> =
             dirs.iter().map(|dir| (dir, scope.spawn(move || super::sync_dir(dir)))).collect();
@@ -273,7 +317,7 @@ fn sync_dirs(dirs: &BTreeSet<PathBuf>, lenient: &[PathBuf]) -> Result<()> {
             .collect()
     });
     for (dir, result) in results {
-        if result.is_err() && lenient.iter().any(|root| dir.starts_with(root)) {
+        if result.is_err() && outputs.iter().any(|root| dir.starts_with(root)) {
             continue;
         }
         result?;
@@ -327,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn only_lenient_directories_may_fail_to_sync() {
+    fn only_output_directories_may_fail_to_sync() {
         let dir = tempfile::tempdir().unwrap();
         let gone = dir.path().join("gone");
         let staged = Staged::new();
@@ -335,7 +379,7 @@ mod tests {
         assert!(staged.publish().is_err());
         let staged = Staged::new();
         staged.sync_dir(Step::Content, gone.clone());
-        staged.lenient_dirs_under(dir.path().to_path_buf());
+        staged.output_under(dir.path().to_path_buf());
         staged.publish().unwrap();
     }
 
@@ -420,5 +464,31 @@ mod tests {
         assert!(staged.publish().is_err());
         // The content step completed; the name that could not be written is absent.
         assert_eq!(std::fs::read(&blob).unwrap(), b"blob");
+    }
+
+    /// An output file that cannot be placed fails the publication, but only
+    /// after the store's files (records included) are in place; the output's
+    /// later files, which could name it, are not published.
+    #[test]
+    fn an_output_that_cannot_be_placed_leaves_the_store_published() {
+        let store = tempfile::tempdir().unwrap();
+        let output = tempfile::tempdir().unwrap();
+        let (blob, record) = (store.path().join("blob"), store.path().join("record"));
+        let (copy, index) = (output.path().join("blob"), output.path().join("index.json"));
+        let staged = Staged::new();
+        staged.output_under(output.path().to_path_buf());
+        staged.add(Step::Content, temp_with(store.path(), b"blob"), blob.clone(), Existing::Keep);
+        staged.add(Step::Names, temp_with(store.path(), b"rec"), record.clone(), Existing::Replace);
+        // Its source is gone: neither a link nor a copy can be made.
+        staged.add_link(Step::Content, store.path().join("absent"), copy.clone());
+        staged.add(Step::Names, temp_with(output.path(), b"idx"), index.clone(), Existing::Replace);
+        let err = staged.publish().unwrap_err();
+        assert!(err.to_string().contains("absent"), "{err}");
+        assert_eq!(std::fs::read(&blob).unwrap(), b"blob");
+        assert_eq!(std::fs::read(&record).unwrap(), b"rec");
+        assert!(!copy.exists() && !index.exists());
+        // No temp file is left behind in either directory.
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 2);
+        assert_eq!(std::fs::read_dir(output.path()).unwrap().count(), 0);
     }
 }
