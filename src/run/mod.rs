@@ -411,7 +411,10 @@ pub fn prepare(
     let layers = leases.iter().map(|lease| lease.path().to_path_buf()).collect();
     let (id_mapping, switch_to) = id_mapping(host, &user);
     let mut spec = SandboxSpec::new(id_mapping, argv.into_iter().map(OsString::from).collect());
-    spec.user = switch_to;
+    if let Some(switch) = switch_to {
+        spec.user = Some((switch.uid, switch.gid));
+        spec.groups = switch.groups;
+    }
     spec.root = RootFs::Overlay { layers };
     spec.network = network;
     spec.mounts = mounts;
@@ -456,7 +459,8 @@ fn resolve_user(view: &RootView<'_>, image: &RunImage, spec: &str) -> Result<use
         .map_err(|reason| RunError::User { image: image.name.clone(), reason })
 }
 
-/// The caller's mapping and the user the workload switches to, if any.
+/// The caller's mapping and the user (ids, supplementary groups) the
+/// workload switches to, if any.
 ///
 /// The caller's own uid and gid always become the user's, so the image's
 /// files (which the store keeps without owners, as the caller's) belong to
@@ -466,8 +470,10 @@ fn resolve_user(view: &RootView<'_>, image: &RunImage, spec: &str) -> Result<use
 /// other users (`su`, a server dropping privileges). A non-root workload
 /// could never use other ids (it has no capabilities after exec, and
 /// `no_new_privs` disarms setuid programs), so it gets its own ids only and
-/// starts without running the newuidmap/newgidmap helpers.
-fn id_mapping(host: &RunHost, user: &user::User) -> (IdMapping, Option<(u32, u32)>) {
+/// starts without running the newuidmap/newgidmap helpers; its supplementary
+/// groups stay the caller's, as a single-id mapping denies `setgroups`.
+fn id_mapping(host: &RunHost, user: &user::User) -> (IdMapping, Option<SwitchTo>) {
+    // The caller is mapped to the user's ids: nothing to switch.
     let single = || (IdMapping::single(user.uid, user.gid, host.uid, host.gid), None);
     // Looked up only here, for a root workload.
     let Some(sub) = (user.uid == 0).then(|| host.subordinate.as_ref()).flatten() else {
@@ -480,9 +486,18 @@ fn id_mapping(host: &RunHost, user: &user::User) -> (IdMapping, Option<(u32, u32
     };
     let method =
         MapMethod::Helpers { newuidmap: sub.newuidmap.clone(), newgidmap: sub.newgidmap.clone() };
-    // Switching to the same ids drops the caller's supplementary groups.
-    let switch_to = (user.uid != 0 || user.gid != 0).then_some((user.uid, user.gid));
-    (IdMapping { uids, gids, method }, switch_to)
+    // The image's groups for the user, in place of the caller's (those the
+    // mapping cannot represent left out), as docker and podman set them.
+    let groups = user.groups.iter().copied().filter(|&g| g <= sub.gids.1).collect();
+    let switch = SwitchTo { uid: user.uid, gid: user.gid, groups };
+    (IdMapping { uids, gids, method }, Some(switch))
+}
+
+/// The ids and supplementary groups the workload switches to before exec.
+struct SwitchTo {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
 }
 
 /// Inside id `id` is the caller's `own`; inside ids `0..id` and

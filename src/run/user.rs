@@ -3,7 +3,9 @@
 //!
 //! - a number needs no entry; a name must have one;
 //! - without a group, the user's primary group from `/etc/passwd`, else 0;
-//! - the home directory is the user's entry's, else `/` (`/root` for uid 0).
+//! - the home directory is the user's entry's, else `/` (`/root` for uid 0);
+//! - the supplementary groups are the group, then every group that lists the
+//!   user's name as a member (as `initgroups(3)`, and docker, set them).
 
 /// A resolved user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,6 +13,8 @@ pub struct User {
     pub uid: u32,
     pub gid: u32,
     pub home: String,
+    /// Supplementary group ids: `gid` first, no duplicates.
+    pub groups: Vec<u32>,
 }
 
 /// Why a user spec could not be resolved.
@@ -52,6 +56,22 @@ fn group_id(group: &str, name: &str) -> Option<u32> {
     })
 }
 
+/// `gid`, then the ids of the groups whose member list names `user`.
+fn groups_of(group: &str, user: Option<&str>, gid: u32) -> Vec<u32> {
+    let mut groups = vec![gid];
+    let member_of = group.lines().filter_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        let listed = f.len() >= 4 && f[3].split(',').any(|m| Some(m.trim()) == user);
+        listed.then(|| f[2].parse().ok()).flatten()
+    });
+    for id in member_of {
+        if !groups.contains(&id) {
+            groups.push(id);
+        }
+    }
+    groups
+}
+
 /// Resolves `spec` (`""` means root) with the image's `passwd` and `group`
 /// contents (empty when the image has none).
 pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<User, UserError> {
@@ -85,7 +105,8 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<User, UserError>
         _ if uid == 0 => "/root".to_string(),
         _ => "/".to_string(),
     };
-    Ok(User { uid, gid, home })
+    let groups = groups_of(group, entry.as_ref().map(|e| e.name), gid);
+    Ok(User { uid, gid, home, groups })
 }
 
 #[cfg(test)]
@@ -93,28 +114,24 @@ mod tests {
     use super::*;
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnonroot:x:65532:65533:nonroot:/home/nonroot:/sbin/nologin\nbad line\n";
-    const GROUP: &str = "root:x:0:\nstaff:x:50:\n";
+    const GROUP: &str = "root:x:0:\nstaff:x:50:\nwheel:x:10:root,nonroot\nadm:x:4: nonroot\n";
 
     #[test]
     fn names_and_numbers_resolve_like_docker() {
         let user = |spec| resolve(spec, PASSWD, GROUP);
-        assert_eq!(user(""), Ok(User { uid: 0, gid: 0, home: "/root".into() }));
-        assert_eq!(
-            user("nonroot"),
-            Ok(User { uid: 65532, gid: 65533, home: "/home/nonroot".into() })
-        );
-        assert_eq!(
-            user("65532"),
-            Ok(User { uid: 65532, gid: 65533, home: "/home/nonroot".into() })
-        );
-        assert_eq!(user("1234"), Ok(User { uid: 1234, gid: 0, home: "/".into() }));
-        assert_eq!(user("1234:staff"), Ok(User { uid: 1234, gid: 50, home: "/".into() }));
-        assert_eq!(
-            user("nonroot:7"),
-            Ok(User { uid: 65532, gid: 7, home: "/home/nonroot".into() })
-        );
+        let ok = |uid, gid, home: &str, groups: &[u32]| {
+            Ok(User { uid, gid, home: home.into(), groups: groups.to_vec() })
+        };
+        assert_eq!(user(""), ok(0, 0, "/root", &[0, 10]));
+        assert_eq!(user("nonroot"), ok(65532, 65533, "/home/nonroot", &[65533, 10, 4]));
+        assert_eq!(user("65532"), ok(65532, 65533, "/home/nonroot", &[65533, 10, 4]));
+        // No entry, so no name to be a member by.
+        assert_eq!(user("1234"), ok(1234, 0, "/", &[0]));
+        assert_eq!(user("1234:staff"), ok(1234, 50, "/", &[50]));
+        assert_eq!(user("nonroot:7"), ok(65532, 7, "/home/nonroot", &[7, 10, 4]));
+        assert_eq!(user("root:wheel"), ok(0, 10, "/root", &[10]));
         assert_eq!(user("nobody"), Err(UserError::UnknownUser("nobody".into())));
-        assert_eq!(user("0:wheel"), Err(UserError::UnknownGroup("wheel".into())));
+        assert_eq!(user("0:floppy"), Err(UserError::UnknownGroup("floppy".into())));
         assert_eq!(user("0:"), Err(UserError::Invalid("0:".into())));
         assert_eq!(user(":0"), Err(UserError::Invalid(":0".into())));
     }

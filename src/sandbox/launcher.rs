@@ -323,8 +323,8 @@ pub fn prepare_workload(
     if let Some(terminal) = controlling_terminal {
         sys.set_controlling_terminal(terminal).map_err(fail(LaunchStep::ControllingTerminal))?;
     }
-    if let Some(creds) = exec.credentials {
-        sys.set_credentials(creds.uid, creds.gid, creds.drop_groups)
+    if let Some(creds) = &exec.credentials {
+        sys.set_credentials(creds.uid, creds.gid, creds.groups.as_deref())
             .map_err(fail(LaunchStep::SwitchUser))?;
     }
     for (target, source) in stdio.iter().enumerate() {

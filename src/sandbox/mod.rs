@@ -116,6 +116,10 @@ pub struct SandboxSpec {
     /// Ids (uid, gid) the workload switches to before exec; `None` keeps the
     /// launcher's (the inside id the caller is mapped to).
     pub user: Option<(u32, u32)>,
+    /// The supplementary groups the workload switches to along with `user`,
+    /// where the mapping allows `setgroups` (one written by newgidmap; a
+    /// single-id mapping denies it, and the groups stay as they are).
+    pub groups: Vec<u32>,
     pub network: Network,
     pub root: RootFs,
     /// Bind and tmpfs mounts, applied parents first whatever their order.
@@ -158,6 +162,7 @@ impl SandboxSpec {
         SandboxSpec {
             id_mapping,
             user: None,
+            groups: Vec::new(),
             network: Network::None,
             root: RootFs::Tmpfs,
             mounts: Vec::new(),

@@ -26,6 +26,7 @@ use std::path::{Component, Path, PathBuf};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
+use nix::unistd::Gid;
 
 use super::fuse::FuseOverlay;
 use super::sys::{CStringArray, Syscall};
@@ -172,7 +173,7 @@ pub struct ExecPlan {
     pub candidates: Vec<CString>,
     pub argv: CStringArray,
     pub env: CStringArray,
-    /// Switch to these ids (dropping supplementary groups when `drop_groups`).
+    /// Switch to these ids (and supplementary groups, where allowed).
     pub credentials: Option<Credentials>,
     /// The program as the caller named it, for error messages.
     pub program: String,
@@ -184,13 +185,14 @@ pub struct ExecPlan {
 }
 
 /// Process ids the workload switches to before exec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub uid: u32,
     pub gid: u32,
-    /// Whether to clear supplementary groups, which needs `setgroups` to be
-    /// allowed (a mapping written by newgidmap, not a single-id mapping).
-    pub drop_groups: bool,
+    /// The supplementary groups to set, where `setgroups` is allowed (a
+    /// mapping written by newgidmap, not a single-id mapping): `None` leaves
+    /// them as they are.
+    pub groups: Option<Vec<Gid>>,
 }
 
 /// The launcher's whole setup.
@@ -586,7 +588,10 @@ fn exec_plan(spec: &SandboxSpec) -> Result<ExecPlan, SandboxError> {
     let credentials = spec.user.map(|(uid, gid)| Credentials {
         uid,
         gid,
-        drop_groups: spec.id_mapping.allows_setgroups(),
+        groups: spec
+            .id_mapping
+            .allows_setgroups()
+            .then(|| spec.groups.iter().copied().map(Gid::from_raw).collect()),
     });
     Ok(ExecPlan {
         candidates,

@@ -26,7 +26,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::sys::stat::Mode;
-use nix::unistd::{Gid, Pid, Uid};
+use nix::unistd::{Gid, Pid};
 
 use super::WindowSize;
 
@@ -190,7 +190,9 @@ pub trait Syscall {
 
     // --- the workload, between fork and exec ---
     /// Drops supplementary groups and switches real, effective and saved ids.
-    fn set_credentials(&self, uid: u32, gid: u32, drop_groups: bool) -> SysResult<()>;
+    /// Switches to `uid` and `gid`, and to the supplementary `groups` when
+    /// given (`setgroups` first, while the process may still set them).
+    fn set_credentials(&self, uid: u32, gid: u32, groups: Option<&[Gid]>) -> SysResult<()>;
     fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()>;
     /// Default disposition for every catchable signal (the mask is untouched).
     fn reset_signal_handlers(&self);
@@ -448,12 +450,29 @@ impl Syscall for LinuxSyscall {
         (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())
     }
 
-    fn set_credentials(&self, uid: u32, gid: u32, drop_groups: bool) -> SysResult<()> {
-        if drop_groups {
-            nix::unistd::setgroups(&[])?;
+    fn set_credentials(&self, uid: u32, gid: u32, groups: Option<&[Gid]>) -> SysResult<()> {
+        // Raw system calls, not the C library's wrappers: those apply the
+        // change to every thread the library knows of (`__nptl_setxid`),
+        // taking a lock and waiting for threads that, in this copy of a
+        // multi-threaded caller, were only ever the caller's: a thread being
+        // created at the time of the clone is waited for forever. This
+        // process has one thread, so the thread's credentials are all it has.
+        if let Some(groups) = groups {
+            // SAFETY: `groups` is a slice of `gid_t`-sized ids (`Gid` is a
+            // transparent wrapper) that outlives the call.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_setgroups,
+                    groups.len(),
+                    groups.as_ptr().cast::<libc::gid_t>(),
+                )
+            };
+            check(ret as c_int)?;
         }
-        nix::unistd::setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))?;
-        nix::unistd::setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
+        // SAFETY: plain integer arguments.
+        check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) } as c_int)?;
+        // SAFETY: as above.
+        check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) } as c_int)
     }
 
     fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()> {

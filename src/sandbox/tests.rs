@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, SigmaskHow};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid};
 
 use super::channel::LauncherEnd;
 use super::fuse;
@@ -150,8 +150,8 @@ impl Syscall for Recorder {
     fn ids(&self) -> (u32, u32) {
         (1000, 1001)
     }
-    fn set_credentials(&self, uid: u32, gid: u32, drop_groups: bool) -> SysResult<()> {
-        self.record(format!("credentials {uid}:{gid} drop_groups={drop_groups}"))
+    fn set_credentials(&self, uid: u32, gid: u32, groups: Option<&[Gid]>) -> SysResult<()> {
+        self.record(format!("credentials {uid}:{gid} groups={groups:?}"))
     }
     fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()> {
         self.record(format!("dup2 {from} {to}"))
@@ -573,7 +573,7 @@ fn workload_switches_user_then_redirects_stdio_then_resets_signals() {
         sys.calls(),
         [
             "setsid",
-            "credentials 65532:65532 drop_groups=false",
+            "credentials 65532:65532 groups=None",
             "dup2 10 0",
             "dup2 12 2",
             "cloexec_from 3",

@@ -64,7 +64,11 @@ fn busybox_image(ctx: &TestContext) -> String {
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n",
     )
     .unwrap();
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    std::fs::write(
+        rootfs.join("etc/group"),
+        "root:x:0:\nadm:x:4:root\nwheel:x:10:nobody,root\nnogroup:x:65534:\n",
+    )
+    .unwrap();
     std::fs::write(rootfs.join("etc/deleted"), "deleted\n").unwrap();
     sh(umoci().args(["repack", "--image", &image]).arg(&bundle));
     sh(umoci().args([
@@ -223,6 +227,14 @@ rootless_test! {
         // so it can switch users, as servers dropping privileges do.
         let (code, out) = run(&ctx, &[&image, "su", "-s", "/bin/sh", "nobody", "-c", "id -u"]);
         assert_eq!((code, stdout(&out).as_str()), (0, "65534\n"), "{}", stderr(&out));
+        // With the range, root has the groups the image's /etc/group gives
+        // it, as with docker, not the caller's.
+        let (code, out) = run(&ctx, &[&image, "id", "-G"]);
+        let mut groups: Vec<u32> =
+            stdout(&out).split_whitespace().map(|g| g.parse().unwrap()).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        assert_eq!((code, groups), (0, vec![0, 4, 10]), "{}", stderr(&out));
     }
 }
 

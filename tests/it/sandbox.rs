@@ -401,28 +401,83 @@ fn user_name(uid: u32) -> String {
         .unwrap()
 }
 
+/// The caller at 0 and the range `/etc/subuid` and `/etc/subgid` grant it above.
+fn full_range_mapping() -> IdMapping {
+    let (uid, gid) = caller_ids();
+    let name = user_name(uid);
+    let subuid = std::fs::read_to_string("/etc/subuid").unwrap();
+    let subgid = std::fs::read_to_string("/etc/subgid").unwrap();
+    let range = subordinate_range(&subuid, &name, uid)
+        .unwrap_or_else(|| panic!("/etc/subuid grants `{name}` no range"));
+    let grange = subordinate_range(&subgid, &name, gid).unwrap();
+    IdMapping::subordinate(
+        uid,
+        gid,
+        range,
+        grange,
+        "/usr/bin/newuidmap".into(),
+        "/usr/bin/newgidmap".into(),
+    )
+}
+
 crate::rootless_test! {
     fn sandbox_full_range_mapping_through_newuidmap() {
-        let (uid, gid) = caller_ids();
-        let name = user_name(uid);
-        let subuid = std::fs::read_to_string("/etc/subuid").unwrap();
-        let subgid = std::fs::read_to_string("/etc/subgid").unwrap();
-        let range = subordinate_range(&subuid, &name, uid)
-            .unwrap_or_else(|| panic!("/etc/subuid grants `{name}` no range"));
-        let grange = subordinate_range(&subgid, &name, gid).unwrap();
         let case = Case::new();
         let mut spec = case.spec("id -u; id -g; id -G; wc -l < /proc/self/uid_map");
-        spec.id_mapping = IdMapping::subordinate(
-            uid,
-            gid,
-            range,
-            grange,
-            "/usr/bin/newuidmap".into(),
-            "/usr/bin/newgidmap".into(),
-        );
+        spec.id_mapping = full_range_mapping();
         spec.user = Some((1000, 1000));
         assert_eq!(run(&spec).unwrap(), ExitStatus::Exited(0), "{}", case.log_text());
         assert_eq!(case.log_text(), "1000\n1000\n1000\n2\n");
+        // Supplementary groups are set along with the ids.
+        let mut spec = case.spec("id -G");
+        spec.id_mapping = full_range_mapping();
+        spec.user = Some((0, 0));
+        spec.groups = vec![0, 4, 10];
+        assert_eq!(run(&spec).unwrap(), ExitStatus::Exited(0), "{}", case.log_text());
+        assert_eq!(case.log_text(), "0 4 10\n");
+    }
+}
+
+crate::rootless_test! {
+    fn sandbox_switches_ids_while_other_threads_start() {
+        // The workload switches ids and groups in a copy of this process made
+        // while other threads are being created. The C library's wrappers
+        // would wait forever for such a thread to start (it never does in
+        // the copy); the system calls the sandbox makes do not wait for it.
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let starters: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::spawn(|| {}).join().unwrap();
+                    }
+                })
+            })
+            .collect();
+        let case = Case::new();
+        let mapping = full_range_mapping();
+        let mut results = Vec::new();
+        for i in 0..20 {
+            let mut spec = case.spec(&format!("exit {i}"));
+            spec.id_mapping = mapping.clone();
+            spec.user = Some((0, 0));
+            spec.groups = vec![0, 4];
+            let (done, finished) = std::sync::mpsc::channel();
+            // On a thread of its own, so a hung sandbox fails the test.
+            std::thread::spawn(move || done.send(run(&spec).map_err(|e| e.to_string())));
+            match finished.recv_timeout(std::time::Duration::from_secs(30)) {
+                Ok(result) => results.push(result.unwrap()),
+                Err(_) => panic!("sandbox {i} hung switching ids"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for starter in starters {
+            starter.join().unwrap();
+        }
+        assert_eq!(results, (0..20).map(ExitStatus::Exited).collect::<Vec<_>>());
     }
 }
 
