@@ -600,6 +600,48 @@ fn find_program(
 mod tests {
     use super::*;
 
+    fn host_with_range() -> RunHost {
+        let range = Subordinate {
+            uids: (100_000, 65_536),
+            gids: (100_000, 65_536),
+            newuidmap: "/usr/bin/newuidmap".into(),
+            newgidmap: "/usr/bin/newgidmap".into(),
+        };
+        RunHost {
+            uid: 1000,
+            gid: 1000,
+            subordinate: LazyCell::new(Box::new(move || Some(range))),
+            platform: Platform::host(),
+            tools: HostTools::new(None),
+            resolv_conf: None,
+            hosts: None,
+            term: None,
+            terminal: None,
+            relayed: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_root_workload_with_the_range_switches_to_the_groups_the_range_holds() {
+        let host = host_with_range();
+        let root = user::User {
+            uid: 0,
+            gid: 0,
+            home: "/root".into(),
+            groups: vec![0, 10, 65_536, 65_537],
+        };
+        let (mapping, switch) = id_mapping(&host, &root);
+        assert!(mapping.allows_setgroups());
+        let switch = switch.expect("a root workload with the range switches ids and groups");
+        assert_eq!((switch.uid, switch.gid), (0, 0));
+        // Inside gids reach 65,536: the one beyond the range is left out.
+        assert_eq!(switch.groups, [0, 10, 65_536]);
+        // A non-root user gets one id, written directly, and nothing to switch.
+        let user = user::User { uid: 1000, gid: 1000, home: "/".into(), groups: vec![1000, 10] };
+        let (mapping, switch) = id_mapping(&host, &user);
+        assert!(!mapping.allows_setgroups() && switch.is_none());
+    }
+
     fn ranges(list: &[(u32, u32, u32)]) -> Vec<IdRange> {
         list.iter().map(|&(inside, outside, count)| IdRange { inside, outside, count }).collect()
     }

@@ -4,8 +4,9 @@
 //! - a number needs no entry; a name must have one;
 //! - without a group, the user's primary group from `/etc/passwd`, else 0;
 //! - the home directory is the user's entry's, else `/` (`/root` for uid 0);
-//! - the supplementary groups are the group, then every group that lists the
-//!   user's name as a member (as `initgroups(3)`, and docker, set them).
+//! - the supplementary groups are the group, then, when no group was given,
+//!   every group that lists the user's name as a member (as docker and runc
+//!   set them; with an explicit group, that group alone).
 
 /// A resolved user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +106,10 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<User, UserError>
         _ if uid == 0 => "/root".to_string(),
         _ => "/".to_string(),
     };
-    let groups = groups_of(group, entry.as_ref().map(|e| e.name), gid);
+    let groups = match group_spec {
+        Some(_) => vec![gid],
+        None => groups_of(group, entry.as_ref().map(|e| e.name), gid),
+    };
     Ok(User { uid, gid, home, groups })
 }
 
@@ -127,8 +131,9 @@ mod tests {
         assert_eq!(user("65532"), ok(65532, 65533, "/home/nonroot", &[65533, 10, 4]));
         // No entry, so no name to be a member by.
         assert_eq!(user("1234"), ok(1234, 0, "/", &[0]));
+        // An explicit group is the only one, as with docker.
         assert_eq!(user("1234:staff"), ok(1234, 50, "/", &[50]));
-        assert_eq!(user("nonroot:7"), ok(65532, 7, "/home/nonroot", &[7, 10, 4]));
+        assert_eq!(user("nonroot:7"), ok(65532, 7, "/home/nonroot", &[7]));
         assert_eq!(user("root:wheel"), ok(0, 10, "/root", &[10]));
         assert_eq!(user("nobody"), Err(UserError::UnknownUser("nobody".into())));
         assert_eq!(user("0:floppy"), Err(UserError::UnknownGroup("floppy".into())));

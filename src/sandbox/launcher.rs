@@ -10,8 +10,11 @@
 //! The workload shares PID 1's memory until its `execve`
 //! ([`Syscall::spawn_sharing_memory`]), PID 1 waiting meanwhile: no copy of
 //! the caller's address space is made and dropped again for a process that
-//! only makes a few system calls. It writes to nothing but its own stack
-//! (and `errno`, which PID 1 does not read until it runs again).
+//! only makes a few system calls. Besides its own stack it writes only
+//! `errno` (which PID 1 does not read until it runs again); switching ids, it
+//! leaves PID 1 not dumpable, as runc leaves its init: its `/proc` files
+//! then belong to the sandbox's root, and nothing outside reads them after
+//! the id maps are written.
 //!
 //! With a terminal ([`Launch::terminal`]) the launcher opens a pseudo-terminal
 //! from the sandbox's own devpts once the setup is done, hands the slave to
@@ -21,7 +24,6 @@
 //! reaping and forwarding signals.
 
 use std::ffi::c_int;
-use std::mem::MaybeUninit;
 use std::os::fd::{IntoRawFd, RawFd};
 
 use nix::errno::Errno;
@@ -35,10 +37,6 @@ use super::sys::Syscall;
 
 /// The sandbox's devpts multiplexer (`/dev/ptmx` links to it).
 const PTMX: &std::ffi::CStr = c"/dev/pts/ptmx";
-
-/// Bytes of stack for the workload before its `execve`, where it only makes
-/// system calls.
-const WORKLOAD_STACK: usize = 64 << 10;
 
 /// Signals the launcher forwards to the workload.
 pub const FORWARDED: [Signal; 6] = [
@@ -152,8 +150,6 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
     // moment between the workload's `execve` and the launcher's next step.
     // The workload's `dup2` creates them again from their sources.
     let replaced = close_replaced_stdio(sys, &stdio);
-    // The workload runs on this until its `execve`, while PID 1 waits.
-    let mut stack = [MaybeUninit::uninit(); WORKLOAD_STACK];
     let mut workload = || {
         // Its own descriptor table: these stay open in PID 1.
         sys.close(exec_read);
@@ -165,7 +161,7 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
         let controlling_terminal = terminal.map(|(_, slave)| slave);
         workload_main(sys, &launch.plan.exec, stdio, controlling_terminal, exec_write)
     };
-    let workload = match sys.spawn_sharing_memory(&mut stack, &mut workload) {
+    let workload = match sys.spawn_sharing_memory(&mut workload) {
         Ok(child) => child,
         Err(errno) => {
             channel.report(sys, Report::SetupFailed { step: LaunchStep::ForkWorkload, errno });

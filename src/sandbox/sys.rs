@@ -17,7 +17,6 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
-use std::mem::MaybeUninit;
 use std::os::fd::{OwnedFd, RawFd};
 
 use nix::errno::Errno;
@@ -29,6 +28,10 @@ use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Pid};
 
 use super::WindowSize;
+
+/// Bytes of stack for a process started by
+/// [`Syscall::spawn_sharing_memory`], which only makes system calls.
+pub const SPAWN_STACK: usize = 64 << 10;
 
 /// The result of one system call.
 pub type SysResult<T> = Result<T, Errno>;
@@ -189,9 +192,9 @@ pub trait Syscall {
     fn ids(&self) -> (u32, u32);
 
     // --- the workload, between fork and exec ---
-    /// Drops supplementary groups and switches real, effective and saved ids.
-    /// Switches to `uid` and `gid`, and to the supplementary `groups` when
-    /// given (`setgroups` first, while the process may still set them).
+    /// Switches real, effective and saved ids to `uid` and `gid`, and the
+    /// supplementary groups to `groups` when given (`setgroups` first, while
+    /// the process may still set them).
     fn set_credentials(&self, uid: u32, gid: u32, groups: Option<&[Gid]>) -> SysResult<()>;
     fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()>;
     /// Default disposition for every catchable signal (the mask is untouched).
@@ -226,19 +229,19 @@ pub trait Syscall {
     /// The child may only make async-signal-safe calls until it execs or exits.
     fn clone_process(&self, flags: CloneFlags) -> SysResult<Forked>;
     /// Runs `child` in a new process that shares the caller's memory (not
-    /// its descriptors, signal handlers or namespaces) on `stack`, and
-    /// returns once that process has called `execve` or exited
+    /// its descriptors, signal handlers or namespaces) on a stack of its own,
+    /// and returns once that process has called `execve` or exited
     /// (`CLONE_VM | CLONE_VFORK`, as `posix_spawn` does). Unlike
     /// [`Syscall::clone_process`] it copies no address space, a cost a large
     /// caller pays twice: at the clone, and again when the child's `execve`
-    /// drops the copy. `child` must end in `execve` or [`Syscall::exit`], and
-    /// until then write to nothing but `stack` (and `errno`): the suspended
-    /// caller still owns the rest of its memory.
-    fn spawn_sharing_memory(
-        &self,
-        stack: &mut [MaybeUninit<u8>],
-        child: &mut dyn FnMut() -> c_int,
-    ) -> SysResult<Pid>;
+    /// drops the copy. The caller is suspended meanwhile, so `child` runs
+    /// much as a call would; but it must end in `execve` or
+    /// [`Syscall::exit`], and what it changes of the process (credentials,
+    /// descriptors) is its own, except that a change of ids marks the shared
+    /// memory not dumpable, for the caller too. Its stack is
+    /// [`SPAWN_STACK`] bytes above a guard page: overflowing it kills the
+    /// child, never the caller's memory.
+    fn spawn_sharing_memory(&self, child: &mut dyn FnMut() -> c_int) -> SysResult<Pid>;
     /// Moves the calling process into new namespaces of the kinds in `flags`.
     fn unshare(&self, flags: CloneFlags) -> SysResult<()>;
     /// A close-on-exec pipe: (read end, write end).
@@ -457,22 +460,30 @@ impl Syscall for LinuxSyscall {
         // multi-threaded caller, were only ever the caller's: a thread being
         // created at the time of the clone is waited for forever. This
         // process has one thread, so the thread's credentials are all it has.
+        //
+        // 32-bit x86 and Arm keep 16-bit ids under the plain names.
+        #[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+        use libc::{
+            SYS_setgroups as SYS_SETGROUPS, SYS_setresgid as SYS_SETRESGID,
+            SYS_setresuid as SYS_SETRESUID,
+        };
+        #[cfg(any(target_arch = "x86", target_arch = "arm"))]
+        use libc::{
+            SYS_setgroups32 as SYS_SETGROUPS, SYS_setresgid32 as SYS_SETRESGID,
+            SYS_setresuid32 as SYS_SETRESUID,
+        };
         if let Some(groups) = groups {
-            // SAFETY: `groups` is a slice of `gid_t`-sized ids (`Gid` is a
-            // transparent wrapper) that outlives the call.
+            // SAFETY: `groups` is a slice of 32-bit ids (`Gid` wraps a
+            // `gid_t`) that outlives the call.
             let ret = unsafe {
-                libc::syscall(
-                    libc::SYS_setgroups,
-                    groups.len(),
-                    groups.as_ptr().cast::<libc::gid_t>(),
-                )
+                libc::syscall(SYS_SETGROUPS, groups.len(), groups.as_ptr().cast::<libc::gid_t>())
             };
             check(ret as c_int)?;
         }
         // SAFETY: plain integer arguments.
-        check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) } as c_int)?;
+        check(unsafe { libc::syscall(SYS_SETRESGID, gid, gid, gid) } as c_int)?;
         // SAFETY: as above.
-        check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) } as c_int)
+        check(unsafe { libc::syscall(SYS_SETRESUID, uid, uid, uid) } as c_int)
     }
 
     fn dup2(&self, from: RawFd, to: RawFd) -> SysResult<()> {
@@ -623,11 +634,7 @@ impl Syscall for LinuxSyscall {
         }
     }
 
-    fn spawn_sharing_memory(
-        &self,
-        stack: &mut [MaybeUninit<u8>],
-        child: &mut dyn FnMut() -> c_int,
-    ) -> SysResult<Pid> {
+    fn spawn_sharing_memory(&self, child: &mut dyn FnMut() -> c_int) -> SysResult<Pid> {
         extern "C" fn start(child: *mut c_void) -> c_int {
             // SAFETY: `child` is the `&mut dyn FnMut` below, which outlives
             // this process's use of it: the caller stays suspended in clone
@@ -635,23 +642,44 @@ impl Syscall for LinuxSyscall {
             let child = unsafe { &mut *child.cast::<&mut dyn FnMut() -> c_int>() };
             child()
         }
-        // The stack grows down from its end, which the ABI wants 16-aligned.
-        let end = stack.as_mut_ptr_range().end;
-        let top = end.wrapping_sub(end as usize % 16);
-        let mut child = child;
-        let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
-        // SAFETY: `top` is the aligned end of `stack`, memory the new process
-        // may use alone while the caller is suspended (CLONE_VFORK), and
-        // `start` gets a pointer to `child`, alive for as long. Without
-        // CLONE_FILES or CLONE_SIGHAND the new process has its own copies of
-        // the descriptor table and signal handlers, so what it changes there
-        // before `execve` never reaches the caller.
-        let ret =
-            unsafe { libc::clone(start, top.cast(), flags, (&raw mut child).cast::<c_void>()) };
-        match ret {
-            -1 => Err(Errno::last()),
-            pid => Ok(Pid::from_raw(pid)),
+        // SAFETY: sysconf reads a value the C library keeps; no lock, no allocation.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = page + SPAWN_STACK.next_multiple_of(page);
+        // SAFETY: a new private anonymous mapping, touching no existing memory.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(Errno::last());
         }
+        // SAFETY: the lowest page of the mapping just made: a guard page.
+        let guarded = check(unsafe { libc::mprotect(base, page, libc::PROT_NONE) });
+        let mut child = child;
+        let spawned = guarded.and_then(|()| {
+            // The stack grows down from the mapping's end, which is
+            // page-aligned (the ABI wants 16 bytes).
+            let top = base.cast::<u8>().wrapping_add(len);
+            let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+            // SAFETY: `top` is the end of a mapping only the new process uses
+            // while the caller is suspended (CLONE_VFORK), and `start` gets a
+            // pointer to `child`, alive for as long. Without CLONE_FILES or
+            // CLONE_SIGHAND the new process has its own descriptor table and
+            // signal handlers.
+            let ret =
+                unsafe { libc::clone(start, top.cast(), flags, (&raw mut child).cast::<c_void>()) };
+            if ret == -1 { Err(Errno::last()) } else { Ok(Pid::from_raw(ret)) }
+        });
+        // SAFETY: the mapping made above, which the child no longer uses: it
+        // has exec'd or exited, or was never started.
+        unsafe { libc::munmap(base, len) };
+        spawned
     }
 
     fn unshare(&self, flags: CloneFlags) -> SysResult<()> {

@@ -203,11 +203,7 @@ impl Syscall for Recorder {
         self.record(format!("clone {flags:?}"))?;
         Ok(Forked::Parent { child: Pid::from_raw(2) })
     }
-    fn spawn_sharing_memory(
-        &self,
-        _stack: &mut [std::mem::MaybeUninit<u8>],
-        _child: &mut dyn FnMut() -> c_int,
-    ) -> SysResult<Pid> {
+    fn spawn_sharing_memory(&self, _child: &mut dyn FnMut() -> c_int) -> SysResult<Pid> {
         self.record("clone sharing memory".into())?;
         Ok(Pid::from_raw(2))
     }

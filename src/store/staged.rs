@@ -40,9 +40,9 @@
 //! Files under an output directory ([`Staged::output_under`], an OCI layout)
 //! are the caller's output, not the store's: when one cannot be put in place
 //! (a link refused and its copy failing, a full disk), the rest of the
-//! publication still happens, the store's records included, except the
-//! output's files of later steps, which could name what is missing; then
-//! [`Staged::publish`] returns that first error.
+//! publication still happens, the store's records included, except that
+//! output's remaining files (its `index.json` could name what is missing);
+//! then [`Staged::publish`] returns that first error.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -214,6 +214,9 @@ impl Staged {
             // its temp file is the inode just written and synced, whatever
             // `from` holds now (a kept older copy).
             for link in step.links {
+                if failures.is_broken(&link.dest) {
+                    continue;
+                }
                 let staged = step.files.iter().find(|f| f.dest == link.from);
                 let linked = link_or_copy(staged.map_or(&link.from, |f| f.tmp.path()), &link.dest);
                 if failures.settle(&link.dest, linked)?
