@@ -401,6 +401,40 @@ fn user_name(uid: u32) -> String {
         .unwrap()
 }
 
+/// `threads` threads running `work` over and over until dropped, to make
+/// this process busy in some way while sandboxes are cloned from it.
+struct Busy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Busy {
+    fn start(threads: usize, work: fn()) -> Busy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        work();
+                    }
+                })
+            })
+            .collect();
+        Busy { stop, threads }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The caller at 0 and the range `/etc/subuid` and `/etc/subgid` grant it above.
 fn full_range_mapping() -> IdMapping {
     let (uid, gid) = caller_ids();
@@ -447,19 +481,7 @@ crate::rootless_test! {
         // The timing decides whether a clone meets a starting thread: with
         // the wrappers, one of these 20 runs hung in the trial made when
         // this was fixed, which does not make every run of it catch them.
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = Arc::new(AtomicBool::new(false));
-        let starters: Vec<_> = (0..2)
-            .map(|_| {
-                let stop = Arc::clone(&stop);
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::spawn(|| {}).join().unwrap();
-                    }
-                })
-            })
-            .collect();
+        let busy = Busy::start(2, || std::thread::spawn(|| {}).join().unwrap());
         let case = Case::new();
         let mapping = full_range_mapping();
         let mut results = Vec::new();
@@ -476,10 +498,7 @@ crate::rootless_test! {
                 Err(_) => panic!("sandbox {i} hung switching ids"),
             }
         }
-        stop.store(true, Ordering::Relaxed);
-        for starter in starters {
-            starter.join().unwrap();
-        }
+        drop(busy);
         assert_eq!(results, (0..20).map(ExitStatus::Exited).collect::<Vec<_>>());
     }
 }
@@ -549,27 +568,14 @@ crate::rootless_test! {
         // The launcher is cloned from this multi-threaded process while other
         // threads hold and release the allocator's locks; a launcher that
         // allocated could deadlock on a lock copied in its locked state.
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = Arc::new(AtomicBool::new(false));
-        let churners: Vec<_> = (0..3)
-            .map(|_| {
-                let stop = Arc::clone(&stop);
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        let v: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 1 + i * 31]).collect();
-                        std::hint::black_box(v);
-                    }
-                })
-            })
-            .collect();
+        let busy = Busy::start(3, || {
+            let v: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 1 + i * 31]).collect();
+            std::hint::black_box(v);
+        });
         let case = Case::new();
         let results: Vec<ExitStatus> =
             (0..20).map(|i| run(&case.spec(&format!("exit {i}"))).unwrap()).collect();
-        stop.store(true, Ordering::Relaxed);
-        for churner in churners {
-            churner.join().unwrap();
-        }
+        drop(busy);
         assert_eq!(results, (0..20).map(ExitStatus::Exited).collect::<Vec<_>>());
     }
 }
