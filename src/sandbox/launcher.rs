@@ -145,7 +145,7 @@ pub fn launcher_main(sys: &impl Syscall, launch: &Launch<'_>) -> ! {
         }
     };
     // PID 1 opens nothing from here on, so it can let go of its fds 0–2
-    // (the caller's) before the fork wherever the workload gets another
+    // (the caller's) before the workload starts wherever it gets another
     // source: none is ever reachable through `/proc/1/fd`, not even in the
     // moment between the workload's `execve` and the launcher's next step.
     // The workload's `dup2` creates them again from their sources.
