@@ -87,6 +87,15 @@ fn busybox_image(ctx: &TestContext) -> String {
     format!("oci:{}:bb", layout.display())
 }
 
+/// A host directory for marker files the workload touches (`/sync`
+/// inside), and the `-v` argument that mounts it there.
+fn sync_volume(ctx: &TestContext) -> (PathBuf, String) {
+    let sync = ctx.root().join("sync");
+    std::fs::create_dir(&sync).unwrap();
+    let volume = format!("{}:/sync", sync.display());
+    (sync, volume)
+}
+
 /// `pkg run ARGS`, with the exit code.
 fn run(ctx: &TestContext, args: &[&str]) -> (i32, Output) {
     let out = ctx.pkg().arg("run").args(args).output().expect("spawn pkg run");
@@ -569,9 +578,7 @@ rootless_test! {
         let (code, shown) = on_terminal(&ctx, &head, &[(None, b"one line\n")]);
         assert_eq!(code, 0, "{shown}");
         assert!(shown.contains("one line\n"), "{shown:?}");
-        let sync = ctx.root().join("sync");
-        std::fs::create_dir(&sync).unwrap();
-        let volume = format!("{}:/sync", sync.display());
+        let (sync, volume) = sync_volume(&ctx);
         // The subshell (traps reset) is interrupted wherever the byte finds it.
         let script =
             "trap 'echo trapped' INT; (touch /sync/ready; exec sleep 10); echo \"sleep: $?\"";
@@ -591,9 +598,7 @@ rootless_test! {
     fn interactive_input_from_a_terminal_is_relayed_through_a_pipe() {
         let ctx = TestContext::new();
         let image = busybox_image(&ctx);
-        let sync = ctx.root().join("sync");
-        std::fs::create_dir(&sync).unwrap();
-        let volume = format!("{}:/sync", sync.display());
+        let (sync, volume) = sync_volume(&ctx);
         let script = "readlink /proc/self/fd/0 | cut -c1-5; touch /sync/ready; \
                       head -n1 | tr a-z A-Z; \
                       n=0; trap 'n=$((n+1))' INT; touch /sync/trap; sleep 1; echo \"INT $n\"";
@@ -613,9 +618,7 @@ rootless_test! {
     fn tty_without_i_forwards_signals_not_keystrokes() {
         let ctx = TestContext::new();
         let image = busybox_image(&ctx);
-        let sync = ctx.root().join("sync");
-        std::fs::create_dir(&sync).unwrap();
-        let volume = format!("{}:/sync", sync.display());
+        let (sync, volume) = sync_volume(&ctx);
         let script = "n=0; trap 'n=$((n+1))' INT; touch /sync/ready; \
                       while [ $n -eq 0 ]; do sleep 0.05; done; sleep 0.3; echo \"INT $n\"; \
                       if read -t 0 line; then echo input; else echo no input; fi; exit 5";
@@ -634,9 +637,7 @@ rootless_test! {
     fn tty_follows_the_callers_window_size() {
         let ctx = TestContext::new();
         let image = busybox_image(&ctx);
-        let sync = ctx.root().join("sync");
-        std::fs::create_dir(&sync).unwrap();
-        let volume = format!("{}:/sync", sync.display());
+        let (sync, volume) = sync_volume(&ctx);
         let script = "stty size; trap 'stty size; exit 0' WINCH; touch /sync/ready; \
                       i=0; while [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; echo timeout";
         // In the background of a shell without job control stdin would be
