@@ -259,8 +259,7 @@ pub(super) fn recover(store: &Store) -> Result<()> {
         let _lock = store.lock_exclusive()?;
         remove_unsound_objects(store, since)?;
     }
-    let root = File::open(&store.root).ctx("open", &store.root)?;
-    syncfs(&root).ctx("sync the filesystem of", &store.root)?;
+    super::sync_filesystem(&store.root)?;
     for (path, _) in &stale {
         remove_marker(path)?;
     }

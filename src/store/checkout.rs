@@ -224,10 +224,7 @@ impl Store {
         if pending.is_empty() && !dirs {
             return Ok(());
         }
-        let root = std::fs::File::open(&self.root).ctx("open", &self.root)?;
-        nix::unistd::syncfs(&root)
-            .map_err(io::Error::from)
-            .ctx("sync the filesystem of", &self.root)?;
+        super::sync_filesystem(&self.root)?;
         for (tmp, cached) in pending {
             if let Some(parent) = cached.parent() {
                 std::fs::create_dir_all(parent).ctx("create directory", parent)?;

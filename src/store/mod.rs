@@ -383,6 +383,14 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).ctx("sync directory", dir)
 }
 
+/// Makes everything written to the filesystem of `root` durable (`syncfs`,
+/// other programs' writes included).
+fn sync_filesystem(root: &Path) -> Result<()> {
+    File::open(root)
+        .and_then(|root| nix::unistd::syncfs(&root).map_err(io::Error::from))
+        .ctx("sync the filesystem of", root)
+}
+
 /// Most fsyncs [`sync_all_together`] runs at once.
 const SYNC_THREADS: usize = 32;
 
