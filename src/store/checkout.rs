@@ -7,6 +7,9 @@
 //! directories get exactly the tree's permission bits *minus every write bit*.
 //! Contents and symlink targets are restored exactly. A destination on another
 //! filesystem gets copies instead of links.
+//! Every reader of a file's content ([`Store::open_file`]: layers, build
+//! sources, other checkouts) reads a cached copy when there is one, verified
+//! chunk by chunk, rather than decompress it again.
 //!
 //! Cached files are decompressed from chunks that are verified as they are
 //! read, so a checkout either fails with an error naming the bad object or
@@ -152,6 +155,15 @@ impl Store {
                 }
             }
         })
+    }
+
+    /// The checkout cache's copy of `file`, if it has one in either mode.
+    /// Unverified: see [`Store::open_file`].
+    pub(super) fn open_cached_file(&self, file: &FileNode) -> Option<std::fs::File> {
+        let bits = file.permissions().bits();
+        [Modes::ReadOnly, Modes::Exact]
+            .into_iter()
+            .find_map(|m| std::fs::File::open(self.cached_file_path(file, m.apply(bits))).ok())
     }
 
     fn cached_file_path(&self, file: &FileNode, mode: u32) -> PathBuf {

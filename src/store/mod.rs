@@ -36,7 +36,8 @@
 //!   then records a ref holds one [`Pin`] across both so that a concurrent `gc`
 //!   cannot sweep the unreferenced result in between.
 //! - Every read of a blob or tree verifies its blake3 against its name: a reader
-//!   gets the right bytes or an error, never wrong bytes.
+//!   gets the right bytes or an error, never wrong bytes. A file's content read
+//!   from its checked-out copy instead is verified chunk by chunk the same way.
 
 mod batch;
 pub mod blob;
@@ -354,6 +355,12 @@ impl Store {
 
     /// A reader over a file's content that verifies each chunk before yielding it.
     ///
+    /// Where the checkout cache holds a copy of the file (`checkouts/files`,
+    /// left by a checkout), its chunks are read from there rather than
+    /// decompressed from their blobs: each is verified against its digest all
+    /// the same, and from the first that fails (a copy changed in place
+    /// through a shared checkout, or cut short), the rest come from the blobs.
+    ///
     /// A corrupt or missing chunk surfaces as an `io::Error` whose inner error is
     /// the [`StoreError`]; no byte of an unverified chunk is ever returned.
     pub fn open_file(&self, file: &FileNode) -> FileReader {
@@ -365,6 +372,7 @@ impl Store {
             decoder: blob::Decoder::default(),
             buf: Vec::new(),
             pos: 0,
+            cached: self.open_cached_file(file),
         }
     }
 
@@ -442,6 +450,21 @@ pub struct FileReader {
     /// The current chunk, verified.
     buf: Vec<u8>,
     pos: usize,
+    /// The checkout cache's copy of the file, read in place of the blobs until
+    /// a chunk of it fails to verify.
+    cached: Option<File>,
+}
+
+/// Reads the next `chunk.size` bytes of `file` into the empty `buf`, keeping
+/// them only if they hash to the chunk's digest.
+fn read_verified(file: &mut File, chunk: &Chunk, buf: &mut Vec<u8>) -> bool {
+    let size = u64::from(chunk.size);
+    let read = file.take(size).read_to_end(buf);
+    if read.is_ok_and(|n| n as u64 == size) && Digest::of(buf) == chunk.digest {
+        return true;
+    }
+    buf.clear();
+    false
 }
 
 impl Read for FileReader {
@@ -452,6 +475,14 @@ impl Read for FileReader {
             // Empty until verified: after an error, the next read tries again.
             self.buf.clear();
             self.pos = 0;
+            if let Some(cached) = &mut self.cached {
+                if read_verified(cached, chunk, &mut self.buf) {
+                    self.next += 1;
+                    continue;
+                }
+                // Damaged or short: the rest comes from the blobs.
+                self.cached = None;
+            }
             self.store
                 .read_object_into(ObjectKind::Blob, &digest, &mut self.stored)
                 .and_then(|()| {

@@ -297,6 +297,56 @@ fn walk_and_open_file_read_contents_without_a_checkout() {
 }
 
 #[test]
+fn open_file_reads_a_checked_out_copy_verified_and_falls_back_to_blobs() {
+    let ctx = TestContext::new();
+    let big = random_bytes(8, 3_000_000);
+    std::fs::create_dir_all(ctx.root().join("src")).unwrap();
+    std::fs::write(ctx.root().join("src/big"), &big).unwrap();
+    let store = Store::open(&ctx.store()).unwrap();
+    let digest = store
+        .ingest_dir(&ctx.root().join("src"), &|_: &Path, _: &std::fs::Metadata| false)
+        .unwrap();
+    let entry = store.walk(&digest).next().unwrap().unwrap();
+    let pkg::store::Node::File(file) = entry.node else { panic!("big is a file") };
+    assert!(file.chunks().len() > 1, "a 3 MB file is chunked");
+    store.checkout(&digest, &ctx.root().join("out")).unwrap();
+    let cached = walk_files(&ctx.store().join("checkouts/files"));
+    let [cached] = cached.as_slice() else { panic!("one cached file: {cached:?}") };
+    let read = || {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut store.open_file(&file), &mut bytes).map(|_| bytes)
+    };
+    // A byte changed in place in the cached copy's second chunk: that chunk
+    // and the rest come from the blobs.
+    let offset = file.chunks()[0].size as usize + 10;
+    let flip = || {
+        let mut bytes = std::fs::read(cached).unwrap();
+        bytes[offset] ^= 1;
+        set_mode(cached, 0o644);
+        std::fs::write(cached, bytes).unwrap();
+    };
+    flip();
+    assert!(read().unwrap() == big, "content read past a damaged cached copy differs");
+    // Without the blobs, the damaged copy gives an error, never its bytes.
+    let blobs: Vec<PathBuf> = file
+        .chunks()
+        .iter()
+        .map(|c| {
+            let hex = c.digest.to_hex();
+            ctx.store().join("blobs").join(&hex[..2]).join(&hex)
+        })
+        .collect();
+    for blob in &blobs {
+        std::fs::remove_file(blob).unwrap();
+    }
+    let err = read().expect_err("a damaged cached copy and no blobs read as content");
+    assert!(err.to_string().contains("is not in the store"), "{err}");
+    // Undamaged, the cached copy alone gives the content.
+    flip();
+    assert!(read().unwrap() == big, "content read from the cached copy differs");
+}
+
+#[test]
 fn refs_record_builds_images_and_roots() {
     let ctx = TestContext::new();
     ctx.write("src/a", "a");
