@@ -3,10 +3,15 @@
 # linux/amd64: hello-go + base-files) made from an already-built package by
 #   pkg cold   pkg assemble from the stored trees, layer cache emptied before
 #              each run (rm -rf STORE/layers), so both layers are tarred,
-#              gzipped and written
+#              gzipped and written; the files are read from the store's
+#              decompressed copies, which a build leaves (and a checkout makes)
 #   pkg warm   the same with both layers in the layer cache
 #   umoci      init, new, unpack, copy, repack
 #   buildah    from scratch, copy, commit (vfs storage)
+#   pkg cold, blobs only
+#              pkg cold without those copies (rm -rf STORE/checkouts/files
+#              too, as after a gc), so every file is decompressed from its
+#              blobs; run last, then the copies are made again
 # Every tool writes an OCI image layout directory with gzip layers. The package
 # is built once into the bench store (outside the timing); umoci and buildah
 # copy the same trees, checked out once with `pkg store checkout`.
@@ -80,7 +85,15 @@ time_all() {
         --command-name umoci --prepare "$umoci_clean" "$umoci_all" \
         --command-name buildah --prepare "${buildah[*]} rm --all; rm -rf $work/buildah-oci" \
         "c=\$(${buildah[*]} from scratch) && ${buildah[*]} copy \$c$buildah_srcs / && ${buildah[*]} commit --disable-compression=false \$c oci:$work/buildah-oci:$name" \
+        --command-name "pkg cold, blobs only" \
+        --prepare "rm -rf $store/layers $store/checkouts/files $work/pkg-oci" "$assemble" \
         >&2
+    # The decompressed copies again, for the pairs below.
+    local p
+    for p in "${packages[@]}"; do
+        [ "$p" = --package ] && continue
+        "$pkg" store checkout "${p#*=}" "$(mktemp -d -u "$work/recache.XXXXXX")" >/dev/null
+    done
     # hyperfine runs each tool's runs back to back, so load from other work that
     # comes and goes can favour one tool; runs taken in alternating pairs share it.
     local ratios=() t0 t1 t2 t3
@@ -99,14 +112,16 @@ time_all() {
     local paired
     paired=$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{ r[NR] = $1 } END { print r[int((NR + 1) / 2)] }')
     best() { jq -r --arg c "$1" '.results[] | select(.command == $c) | .min' "$work/$name.json"; }
-    local cold warm umoci bah
+    local cold warm umoci bah blobs
     cold=$(best "pkg cold") warm=$(best "pkg warm") umoci=$(best umoci) bah=$(best buildah)
+    blobs=$(best "pkg cold, blobs only")
     printf '\n%s, best of %s runs\n' "$name" "$n"
-    printf '%-10s %10s %14s\n' tool ms "umoci / tool"
+    printf '%-20s %10s %14s\n' tool ms "umoci / tool"
     local row
-    for row in "pkg cold:$cold" "pkg warm:$warm" "umoci:$umoci" "buildah:$bah"; do
+    for row in "pkg cold:$cold" "pkg warm:$warm" "umoci:$umoci" "buildah:$bah" \
+        "pkg cold, blobs only:$blobs"; do
         awk -v t="${row%%:*}" -v s="${row#*:}" -v u="$umoci" \
-            'BEGIN { printf "%-10s %10.1f %13.1fx\n", t, s * 1000, u / s }'
+            'BEGIN { printf "%-20s %10.1f %13.1fx\n", t, s * 1000, u / s }'
     done
     printf 'umoci / pkg cold, median of %s alternating pairs: %.1fx\n' "$pairs" "$paired"
 }
@@ -133,5 +148,7 @@ while read -r f; do
     [ "$total" -ge $((large_mib * 1024 * 1024)) ] && break
 done < <(find /usr/bin -maxdepth 1 -type f | sort)
 tree=$("$pkg" store add "$content")
+# The decompressed copies a build of it would have left.
+"$pkg" store checkout "$tree" "$work/large-checkout" >/dev/null
 echo "large: $(du -sh "$content" | cut -f1) of /usr/bin as one package" >&2
 time_all large "$large_runs" "$large_runs" --package "large=$tree" -- "$content"

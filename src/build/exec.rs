@@ -5,9 +5,11 @@
 //! (read-only checkouts of what it mounts) and the log. The sandbox sees
 //! them as `/src`, `/out`, `/deps/NAME`; the host's toolchain directories
 //! are mounted read-only at their own paths, `/tmp` is a tmpfs, and the
-//! environment is exactly [`environment`]. Only `out/` is ingested; the
-//! workspace is removed whether the build succeeds or not, and the log is
-//! kept in the store under `logs/`.
+//! environment is exactly [`environment`]. Only `out/` is ingested, and its
+//! files then become the store's cached checkout of the output
+//! ([`Store::keep_as_checkout_cache`]); the rest of the workspace is removed
+//! whether the build succeeds or not, and the log is kept in the store under
+//! `logs/`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -223,9 +225,14 @@ fn run_in(
             log: kept,
         });
     }
-    store.ingest_dir(&out, &|_: &Path, _: &std::fs::Metadata| false).map_err(|source| {
-        BuildError::Store { package, step: "ingest the output", source: Box::new(source) }
-    })
+    let tree =
+        store.ingest_dir(&out, &|_: &Path, _: &std::fs::Metadata| false).map_err(|source| {
+            BuildError::Store { package, step: "ingest the output", source: Box::new(source) }
+        })?;
+    // The sandbox is gone, so nothing writes to `out/` any more: its files
+    // become the cached checkout of the output instead of being deleted.
+    store.keep_as_checkout_cache(&tree, &out);
+    Ok(tree)
 }
 
 /// The host directories holding tools outside the fixed host directories:

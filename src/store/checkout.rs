@@ -9,7 +9,9 @@
 //! filesystem gets copies instead of links.
 //! Every reader of a file's content ([`Store::open_file`]: layers, build
 //! sources, other checkouts) reads a cached copy when there is one, verified
-//! chunk by chunk, rather than decompress it again.
+//! chunk by chunk, rather than decompress it again. A build's output files
+//! become cached copies as they are ([`Store::keep_as_checkout_cache`]), so
+//! what was just built is never decompressed to be checked out or layered.
 //!
 //! Cached files are decompressed from chunks that are verified as they are
 //! read, so a checkout either fails with an error naming the bad object or
@@ -127,6 +129,48 @@ impl Store {
             let _ = remove_checkout(&tmp);
         }
         built
+    }
+
+    /// Keeps the files of `dir`, just stored as `tree` by [`Store::ingest_dir`],
+    /// as the cache's copies of their content, so the first checkout of a tree
+    /// holding them links them rather than decompress them again.
+    ///
+    /// For a directory nothing writes to any more (a finished build's
+    /// output), on the store's filesystem; it is left with holes, to be
+    /// removed next. A file moves to `checkouts/files` only if it is a regular
+    /// file of the tree's size with no other name (one link, so nothing can
+    /// change it later) whose cached copy is missing. It is made read-only
+    /// (the tree's bits minus write bits) and, like a checkout's new cached
+    /// files, durable by one `syncfs` before it gets its name. Best effort:
+    /// a file left where it is costs only a later decompression.
+    pub fn keep_as_checkout_cache(&self, tree: &Digest, dir: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        // Held throughout, so no gc is halfway through the cache meanwhile.
+        let Ok(_pin) = self.pin() else { return };
+        let mut moving = Vec::new();
+        for entry in self.walk(tree) {
+            let Ok(entry) = entry else { return };
+            let Node::File(file) = entry.node else { continue };
+            let from = dir.join(&entry.path);
+            let mode = Modes::ReadOnly.apply(file.permissions().bits());
+            let cached = self.cached_file_path(&file, mode);
+            let movable = std::fs::symlink_metadata(&from)
+                .is_ok_and(|m| m.is_file() && m.nlink() == 1 && m.len() == file.size());
+            if movable && !cached.exists() && set_mode(&from, mode).is_ok() {
+                moving.push((from, cached));
+            }
+        }
+        if moving.is_empty() || super::sync_filesystem(&self.root).is_err() {
+            return;
+        }
+        for (from, cached) in moving {
+            // Another checkout may have named the same content already: same bytes.
+            if let Some(parent) = cached.parent()
+                && std::fs::create_dir_all(parent).is_ok()
+            {
+                let _ = std::fs::rename(&from, &cached);
+            }
+        }
     }
 
     pub(crate) fn shared_checkout_path(&self, tree: &Digest) -> PathBuf {

@@ -396,6 +396,42 @@ fn cache_recipe(ctx: &TestContext) {
 }
 
 crate::rootless_test! {
+    fn a_builds_output_files_become_its_cached_checkout() {
+        use std::os::unix::fs::MetadataExt;
+        let ctx = TestContext::new();
+        ctx.write(
+            "pkg.kdl",
+            r#"
+            package "out" {
+                build "script" {
+                    run "mkdir -p $out/bin $out/share && printf 'hi\\n' > $out/share/a"
+                    run "ln $out/share/a $out/share/b"
+                    run "printf '#!/bin/sh\\n' > $out/bin/x && chmod 755 $out/bin/x"
+                }
+            }
+            image "out" { contents "out"; }
+            "#,
+        );
+        let report = build_json(&ctx, &[]);
+        let tree = output_of(&report, "out", "linux/amd64");
+        // bin/x is kept, read-only; share/a and share/b (two names of one
+        // inode) are not.
+        let cache = ctx.store().join("checkouts/files");
+        let cached: Vec<PathBuf> = walk(&cache).into_iter().filter(|p| p.is_file()).collect();
+        let [kept] = cached.as_slice() else { panic!("one cached file: {cached:?}") };
+        assert!(kept.to_str().unwrap().ends_with("-0555"), "{kept:?}");
+        assert_eq!(std::fs::read(kept).unwrap(), b"#!/bin/sh\n");
+        let meta = std::fs::metadata(kept).unwrap();
+        assert_eq!((meta.mode() & 0o7777, meta.nlink()), (0o555, 1));
+        // A checkout links it as it is, and gets the other files from the blobs.
+        let dir = checkout(&ctx, &tree, "co");
+        assert_eq!(std::fs::metadata(dir.join("bin/x")).unwrap().ino(), meta.ino());
+        assert_eq!(std::fs::read(dir.join("share/a")).unwrap(), b"hi\n");
+        assert_eq!(std::fs::read(dir.join("share/b")).unwrap(), b"hi\n");
+    }
+}
+
+crate::rootless_test! {
     fn unchanged_recipe_builds_nothing_and_one_byte_rebuilds_dependents() {
         let ctx = TestContext::new();
         cache_recipe(&ctx);
