@@ -459,6 +459,8 @@ pub struct FileReader {
 /// them only if they hash to the chunk's digest.
 fn read_verified(file: &mut File, chunk: &Chunk, buf: &mut Vec<u8>) -> bool {
     let size = u64::from(chunk.size);
+    // Room for all of it, so it comes in one read.
+    buf.reserve(chunk.size as usize);
     let read = file.take(size).read_to_end(buf);
     if read.is_ok_and(|n| n as u64 == size) && Digest::of(buf) == chunk.digest {
         return true;
