@@ -141,13 +141,14 @@ pub(super) fn blobs_dir(dir: &Path) -> PathBuf {
     dir.join("blobs/sha256")
 }
 
-/// Whether blobs built for a layout in `blobs_dir` are hard links to the
+/// Whether the blobs of a layout in `blobs_dir` are hard links to the
 /// store's copies rather than copies: when both are on one filesystem.
 ///
-/// A layer just built is then written once, not twice. The layout's file and
-/// the store's layer cache are one inode, read-only (0444) like every blob:
-/// OCI tools never write a blob in place (they write new blobs under new
-/// names), and a blob damaged in place anyway is caught the next time the
+/// A layer just built is then written once, not twice, and a cached one is
+/// only read (to hash it), not written again and synced. The layout's file
+/// and the store's layer cache are one inode, read-only (0444) like every
+/// blob: OCI tools never write a blob in place (they write new blobs under
+/// new names), and a blob damaged in place anyway is caught the next time the
 /// cache's copy goes into a layout or an archive, since both hash it on the
 /// way (and `umoci`, `skopeo` and registries check digests too).
 pub(super) fn links_to_store(store: &Store, blobs_dir: &Path) -> bool {
@@ -184,7 +185,12 @@ pub(super) fn stage_oci_layout(
             continue;
         }
         let from = store.oci_blob_path(&blob.digest);
-        if link && staged.is_staged(&from) {
+        if link {
+            // A blob stored before is hashed first: a copy damaged in place
+            // goes no further.
+            if !staged.is_staged(&from) {
+                copy_verified(open_blob(store, &blob)?, io::sink(), &blob, &from, store)?;
+            }
             staged.add_link(Step::Content, from, dest);
             continue;
         }

@@ -329,9 +329,10 @@ pub fn assemble(
 
 /// [`assemble`], then [`write_oci_layout`] of the images into `dir`, in one
 /// publication: the layout's fsyncs overlap the store's (three waits for the
-/// disk in all). Blobs built now are hard links to the store's copies on the
-/// store's filesystem ([`layout::links_to_store`]) and elsewhere written into
-/// the layout as they are compressed; the other blobs are copied from the store.
+/// disk in all). On the store's filesystem the blobs are hard links to the
+/// store's copies ([`layout::links_to_store`]; cached ones hashed first);
+/// elsewhere, blobs built now are written into the layout as they are
+/// compressed and the others are copied from the store.
 pub fn assemble_into_layout(
     store: &Store,
     images: &[ImageSpec],
