@@ -2,14 +2,16 @@
 //! an oci-archive tar, and an fsck-style check of a layout.
 //!
 //! Invariants:
-//! - Blobs are copied into a temp file next to their destination, hashed while
-//!   copying and checked against their name. The exception is a blob staged in
-//!   the same publication (a layer just built): it was hashed as it was
-//!   written, moments ago, by this process. On the store's filesystem it
-//!   becomes a hard link to the store's copy (see [`links_to_store`]);
-//!   elsewhere the kernel copies it (`copy_file_range`) and only its size is
-//!   checked. A blob already present is left alone (its name is its content; a
-//!   damaged one is what [`verify_oci_layout`] reports).
+//! - On the store's filesystem a blob is a hard link to the store's copy (see
+//!   [`links_to_store`]): a temp name linked to that inode, which is hashed
+//!   and checked against its name before it is staged. Elsewhere blobs are
+//!   copied into a temp file next to their destination, hashed while copying
+//!   and checked against their name. The exception is a blob staged in the
+//!   same publication (a layer just built): it was hashed as it was written,
+//!   moments ago, by this process, so it is linked (to its temp file) or, on
+//!   another filesystem, copied by the kernel (`copy_file_range`) with only
+//!   its size checked. A blob already present is left alone (its name is its
+//!   content; a damaged one is what [`verify_oci_layout`] reports).
 //! - `index.json` is written canonically, replacing the old one atomically, so a
 //!   reader sees the old or the new layout, never a half-written one. Entries
 //!   of other refs already in it are kept; entries with the refs being written
@@ -185,13 +187,16 @@ pub(super) fn stage_oci_layout(
             continue;
         }
         let from = store.oci_blob_path(&blob.digest);
-        if link {
-            // A blob stored before is hashed first: a copy damaged in place
-            // goes no further.
-            if !staged.is_staged(&from) {
-                copy_verified(open_blob(store, &blob)?, io::sink(), &blob, &from, store)?;
-            }
+        if link && staged.is_staged(&from) {
             staged.add_link(Step::Content, from, dest);
+            continue;
+        }
+        if link && let Some(tmp) = linked_temp(&from, &blobs_dir) {
+            // The very inode that gets the name is hashed: a copy damaged in
+            // place goes no further.
+            let linked = File::open(tmp.path()).map_err(io_err("open", tmp.path()))?;
+            copy_verified(check_size(linked, &blob, store)?, io::sink(), &blob, &from, store)?;
+            staged.add(Step::Content, tmp, dest, Existing::Keep);
             continue;
         }
         let mut tmp = temp_in(&blobs_dir)?;
@@ -248,6 +253,14 @@ fn temp_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
         .prefix(".pkg")
         .tempfile_in(dir)
         .map_err(io_err("create a temp file in", dir))
+}
+
+/// A temp name in `dir` hard-linked to the store's blob `from`; `None` where
+/// the link is refused (another filesystem, the inode's link limit, a blob
+/// missing from the cache), for the caller to copy instead.
+fn linked_temp(from: &Path, dir: &Path) -> Option<tempfile::NamedTempFile> {
+    let link = |name: &Path| std::fs::hard_link(from, name).and_then(|()| File::open(name));
+    tempfile::Builder::new().prefix(".pkg").make_in(dir, link).ok()
 }
 
 /// A temp file in `dir` holding `bytes`, mode 0644 (not synced).
