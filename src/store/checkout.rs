@@ -7,15 +7,18 @@
 //! directories get exactly the tree's permission bits *minus every write bit*.
 //! Contents and symlink targets are restored exactly. A destination on another
 //! filesystem gets copies instead of links.
+//!
 //! Every reader of a file's content ([`Store::open_file`]: layers, build
-//! sources, other checkouts) reads a cached copy when there is one, verified
-//! chunk by chunk, rather than decompress it again. A build's output files
-//! become cached copies as they are ([`Store::keep_as_checkout_cache`]), so
-//! what was just built is never decompressed to be checked out or layered.
+//! sources, a checkout needing another mode) reads a cached copy when there
+//! is one, verified chunk by chunk, rather than decompress it again. A
+//! build's output files become cached copies as they are
+//! ([`Store::keep_as_checkout_cache`]), so a package just built is not
+//! decompressed again to be checked out or layered.
 //!
 //! Cached files are decompressed from chunks that are verified as they are
-//! read, so a checkout either fails with an error naming the bad object or
-//! holds exactly the stored bytes. The ones a checkout creates are written as
+//! read (or are a build's output, hashed by its ingest moments before), so a
+//! checkout either fails with an error naming the bad object or holds exactly
+//! the stored bytes. The ones a checkout creates are written as
 //! temp files in `tmp/` (the checkout links those very inodes) and made
 //! durable together, with the checkout's own directories, by one `syncfs` of
 //! the store's filesystem (instead of two fsyncs per file); only then do they
@@ -136,14 +139,16 @@ impl Store {
     /// holding them links them rather than decompress them again.
     ///
     /// For a directory nothing writes to any more (a finished build's
-    /// output), on the store's filesystem; it is left with holes, to be
-    /// removed next. A file moves to `checkouts/files` only if it is a regular
-    /// file of the tree's size with no other name (one link, so nothing can
-    /// change it later) whose cached copy is missing. It is made read-only
+    /// output), on the store's filesystem, with writable directories; it is
+    /// left with holes, to be removed next. A file moves to `checkouts/files`
+    /// only if it is a regular file of the tree's size with no other name (one
+    /// link, so nothing can change it later) and no extended attribute but an
+    /// SELinux label (the store keeps none, and a file capability must not
+    /// reach a checkout), whose cached copy is missing. It is made read-only
     /// (the tree's bits minus write bits) and, like a checkout's new cached
     /// files, durable by one `syncfs` before it gets its name. Best effort:
     /// a file left where it is costs only a later decompression.
-    pub fn keep_as_checkout_cache(&self, tree: &Digest, dir: &Path) {
+    pub(crate) fn keep_as_checkout_cache(&self, tree: &Digest, dir: &Path) {
         use std::os::unix::fs::MetadataExt;
         // Held throughout, so no gc is halfway through the cache meanwhile.
         let Ok(_pin) = self.pin() else { return };
@@ -155,7 +160,8 @@ impl Store {
             let mode = Modes::ReadOnly.apply(file.permissions().bits());
             let cached = self.cached_file_path(&file, mode);
             let movable = std::fs::symlink_metadata(&from)
-                .is_ok_and(|m| m.is_file() && m.nlink() == 1 && m.len() == file.size());
+                .is_ok_and(|m| m.is_file() && m.nlink() == 1 && m.len() == file.size())
+                && only_selinux_label(&from);
             if movable && !cached.exists() && set_mode(&from, mode).is_ok() {
                 moving.push((from, cached));
             }
@@ -201,13 +207,22 @@ impl Store {
         })
     }
 
-    /// The checkout cache's copy of `file`, if it has one in either mode.
-    /// Unverified: see [`Store::open_file`].
-    pub(super) fn open_cached_file(&self, file: &FileNode) -> Option<std::fs::File> {
+    /// The checkout cache's copy of `file` and its path, if it has one in
+    /// either mode and it is a regular file (opened without blocking, so
+    /// nothing planted there can hang the reader). Unverified: see
+    /// [`Store::open_file`].
+    pub(super) fn open_cached_file(&self, file: &FileNode) -> Option<(std::fs::File, PathBuf)> {
+        use std::os::unix::fs::OpenOptionsExt;
         let bits = file.permissions().bits();
-        [Modes::ReadOnly, Modes::Exact]
-            .into_iter()
-            .find_map(|m| std::fs::File::open(self.cached_file_path(file, m.apply(bits))).ok())
+        [Modes::ReadOnly, Modes::Exact].into_iter().find_map(|m| {
+            let path = self.cached_file_path(file, m.apply(bits));
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&path)
+                .ok()?;
+            opened.metadata().ok()?.is_file().then_some((opened, path))
+        })
     }
 
     fn cached_file_path(&self, file: &FileNode, mode: u32) -> PathBuf {
@@ -337,6 +352,15 @@ impl CheckoutLease {
     }
 }
 
+/// Whether `path` has no extended attribute but an SELinux label (which
+/// every file has where SELinux runs); false when they cannot be listed.
+fn only_selinux_label(path: &Path) -> bool {
+    let mut names = [0u8; 256];
+    rustix::fs::llistxattr(path, &mut names[..]).is_ok_and(|len| {
+        names[..len].split(|&b| b == 0).all(|name| name.is_empty() || name == b"security.selinux")
+    })
+}
+
 /// Which permission bits a checkout's files and directories get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Modes {
@@ -380,4 +404,61 @@ pub fn remove_checkout(dir: &Path) -> Result<()> {
     unlock(dir)?;
     std::fs::remove_dir_all(dir).ctx("remove", dir)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_build_outputs_are_plain_files_of_one_link_without_xattrs() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(&root.path().join("store")).unwrap();
+        let out = root.path().join("out");
+        std::fs::create_dir_all(out.join("bin")).unwrap();
+        for name in ["plain", "labelled", "linked", "bin/tool"] {
+            std::fs::write(out.join(name), name).unwrap();
+        }
+        set_mode(&out.join("bin/tool"), 0o755).unwrap();
+        rustix::fs::lsetxattr(
+            out.join("labelled"),
+            "user.x",
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("user xattrs on the temp directory's filesystem");
+        std::fs::hard_link(out.join("linked"), out.join("second")).unwrap();
+        std::os::unix::fs::symlink("plain", out.join("link")).unwrap();
+        let tree = store.ingest_dir(&out, &|_: &Path, _: &std::fs::Metadata| false).unwrap();
+
+        store.keep_as_checkout_cache(&tree, &out);
+        let mut left: Vec<String> = ["plain", "labelled", "linked", "second", "link", "bin/tool"]
+            .into_iter()
+            .filter(|name| out.join(name).symlink_metadata().is_ok())
+            .map(String::from)
+            .collect();
+        left.sort();
+        assert_eq!(left, ["labelled", "link", "linked", "second"]);
+        let read_tree = store.read_tree(&tree).unwrap();
+        let cached = |name: &str, mode: u32| {
+            let Some(Node::File(file)) = read_tree
+                .entries
+                .iter()
+                .find_map(|(n, node)| (n.as_os_str() == name).then_some(node.clone()))
+            else {
+                panic!("{name} is a file of the tree")
+            };
+            store.cached_file_path(&file, mode)
+        };
+        let plain = cached("plain", 0o444);
+        assert_eq!(std::fs::read(&plain).unwrap(), b"plain");
+        assert_eq!(std::fs::metadata(&plain).unwrap().permissions().mode() & 0o7777, 0o444);
+        assert!(!cached("labelled", 0o444).exists());
+        assert!(!cached("linked", 0o444).exists());
+        // Kept before, so not again: the output file stays.
+        std::fs::write(out.join("plain"), "plain").unwrap();
+        let again = store.ingest_dir(&out, &|_: &Path, _: &std::fs::Metadata| false).unwrap();
+        store.keep_as_checkout_cache(&again, &out);
+        assert!(out.join("plain").exists());
+    }
 }

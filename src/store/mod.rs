@@ -11,7 +11,7 @@
 //! ROOT/refs/images/NAME          image name -> image record (JSON)
 //! ROOT/refs/roots/NAME           gc root name -> tree digest
 //! ROOT/refs/imports/HEX          sha256 of an imported image's manifest -> import record (JSON)
-//! ROOT/checkouts/files/XX/HEX-P  decompressed, read-only files, hard-linked into checkouts
+//! ROOT/checkouts/files/XX/HEX-P  decompressed (or built) files of mode P, hard-linked into checkouts
 //! ```
 //!
 //! Invariants:
@@ -356,10 +356,11 @@ impl Store {
     /// A reader over a file's content that verifies each chunk before yielding it.
     ///
     /// Where the checkout cache holds a copy of the file (`checkouts/files`,
-    /// left by a checkout), its chunks are read from there rather than
-    /// decompressed from their blobs: each is verified against its digest all
-    /// the same, and from the first that fails (a copy changed in place
-    /// through a shared checkout, or cut short), the rest come from the blobs.
+    /// left by a checkout or a build), its chunks are read from there rather
+    /// than decompressed from their blobs: each is verified against its digest
+    /// all the same, and from the first that fails (a copy changed in place
+    /// through a shared checkout, or cut short), the rest come from the blobs
+    /// and the copy loses its name, so no later checkout links it.
     ///
     /// A corrupt or missing chunk surfaces as an `io::Error` whose inner error is
     /// the [`StoreError`]; no byte of an unverified chunk is ever returned.
@@ -450,9 +451,9 @@ pub struct FileReader {
     /// The current chunk, verified.
     buf: Vec<u8>,
     pos: usize,
-    /// The checkout cache's copy of the file, read in place of the blobs until
-    /// a chunk of it fails to verify.
-    cached: Option<File>,
+    /// The checkout cache's copy of the file and its name, read in place of
+    /// the blobs until a chunk of it fails to verify.
+    cached: Option<(File, PathBuf)>,
 }
 
 /// Reads the next `chunk.size` bytes of `file` into the empty `buf`, keeping
@@ -477,12 +478,14 @@ impl Read for FileReader {
             // Empty until verified: after an error, the next read tries again.
             self.buf.clear();
             self.pos = 0;
-            if let Some(cached) = &mut self.cached {
+            if let Some((cached, path)) = &mut self.cached {
                 if read_verified(cached, chunk, &mut self.buf) {
                     self.next += 1;
                     continue;
                 }
-                // Damaged or short: the rest comes from the blobs.
+                // Damaged or short: the rest comes from the blobs, and no
+                // checkout links it from now on (those that did keep it).
+                let _ = std::fs::remove_file(path);
                 self.cached = None;
             }
             self.store

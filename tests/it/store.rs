@@ -309,41 +309,66 @@ fn open_file_reads_a_checked_out_copy_verified_and_falls_back_to_blobs() {
     let entry = store.walk(&digest).next().unwrap().unwrap();
     let pkg::store::Node::File(file) = entry.node else { panic!("big is a file") };
     assert!(file.chunks().len() > 1, "a 3 MB file is chunked");
-    store.checkout(&digest, &ctx.root().join("out")).unwrap();
-    let cached = walk_files(&ctx.store().join("checkouts/files"));
-    let [cached] = cached.as_slice() else { panic!("one cached file: {cached:?}") };
-    let read = || {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut store.open_file(&file), &mut bytes).map(|_| bytes)
-    };
-    // A byte changed in place in the cached copy's second chunk: that chunk
-    // and the rest come from the blobs.
-    let offset = file.chunks()[0].size as usize + 10;
-    let flip = || {
-        let mut bytes = std::fs::read(cached).unwrap();
-        bytes[offset] ^= 1;
-        set_mode(cached, 0o644);
-        std::fs::write(cached, bytes).unwrap();
-    };
-    flip();
-    assert!(read().unwrap() == big, "content read past a damaged cached copy differs");
-    // Without the blobs, the damaged copy gives an error, never its bytes.
-    let blobs: Vec<PathBuf> = file
+    let blobs: Vec<(PathBuf, Vec<u8>)> = file
         .chunks()
         .iter()
         .map(|c| {
             let hex = c.digest.to_hex();
-            ctx.store().join("blobs").join(&hex[..2]).join(&hex)
+            let path = ctx.store().join("blobs").join(&hex[..2]).join(&hex);
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
         })
         .collect();
-    for blob in &blobs {
-        std::fs::remove_file(blob).unwrap();
-    }
+    let remove_blobs =
+        |n: usize| blobs.iter().take(n).for_each(|(p, _)| std::fs::remove_file(p).unwrap());
+    let restore_blobs = || {
+        blobs.iter().filter(|(p, _)| !p.exists()).for_each(|(p, b)| std::fs::write(p, b).unwrap())
+    };
+    // A checkout leaves the cached copy.
+    let checkouts = std::cell::Cell::new(0);
+    let cached_copy = || {
+        checkouts.set(checkouts.get() + 1);
+        store.checkout(&digest, &ctx.root().join(format!("out{}", checkouts.get()))).unwrap();
+        let cached = walk_files(&ctx.store().join("checkouts/files"));
+        let [cached] = cached.as_slice() else { panic!("one cached file: {cached:?}") };
+        set_mode(cached, 0o644);
+        cached.clone()
+    };
+    let read = || {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut store.open_file(&file), &mut bytes).map(|_| bytes)
+    };
+    // A byte changed in place in the cached copy's second chunk.
+    let offset = file.chunks()[0].size as usize + 10;
+    let damage = |cached: &Path| {
+        let mut bytes = std::fs::read(cached).unwrap();
+        bytes[offset] ^= 1;
+        std::fs::write(cached, bytes).unwrap();
+    };
+
+    // The cached copy alone gives the content.
+    let cached = cached_copy();
+    remove_blobs(blobs.len());
+    assert!(read().unwrap() == big, "content read from the cached copy differs");
+    restore_blobs();
+    // Damaged: its first chunk still comes from it (that blob is gone), the
+    // rest from the blobs, and it loses its name.
+    damage(&cached);
+    remove_blobs(1);
+    assert!(read().unwrap() == big, "content read past a damaged cached copy differs");
+    assert!(!cached.exists(), "a damaged cached copy keeps its name");
+    restore_blobs();
+    // Cut short: the blobs give it all.
+    let cached = cached_copy();
+    std::fs::File::options().write(true).open(&cached).unwrap().set_len(10).unwrap();
+    assert!(read().unwrap() == big, "content read past a short cached copy differs");
+    assert!(!cached.exists(), "a short cached copy keeps its name");
+    // Damaged, without the blobs: an error, never its bytes.
+    let cached = cached_copy();
+    damage(&cached);
+    remove_blobs(blobs.len());
     let err = read().expect_err("a damaged cached copy and no blobs read as content");
     assert!(err.to_string().contains("is not in the store"), "{err}");
-    // Undamaged, the cached copy alone gives the content.
-    flip();
-    assert!(read().unwrap() == big, "content read from the cached copy differs");
 }
 
 #[test]
