@@ -231,6 +231,7 @@ fn run_in(
         })?;
     // The sandbox is gone, so nothing writes to `out/` any more: its files
     // become the cached checkout of the output instead of being deleted.
+    let _ = std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755));
     make_removable(&out);
     store.keep_as_checkout_cache(&tree, &out);
     Ok(tree)

@@ -147,7 +147,7 @@ pub(super) fn blobs_dir(dir: &Path) -> PathBuf {
 /// store's copies rather than copies: when both are on one filesystem.
 ///
 /// A layer just built is then written once, not twice, and a cached one is
-/// only read (to hash it), not written again and synced. The layout's file
+/// only read (to hash it), not written again. The layout's file
 /// and the store's layer cache are one inode, read-only (0444) like every
 /// blob: OCI tools never write a blob in place (they write new blobs under
 /// new names), and a blob damaged in place anyway is caught the next time the
@@ -194,7 +194,7 @@ pub(super) fn stage_oci_layout(
         if link && let Some(tmp) = linked_temp(&from, &blobs_dir) {
             // The very inode that gets the name is hashed: a copy damaged in
             // place goes no further.
-            let linked = File::open(tmp.path()).map_err(io_err("open", tmp.path()))?;
+            let linked = tmp.as_file().try_clone().map_err(io_err("open", &from))?;
             copy_verified(check_size(linked, &blob, store)?, io::sink(), &blob, &from, store)?;
             staged.add(Step::Content, tmp, dest, Existing::Keep);
             continue;
@@ -259,7 +259,12 @@ fn temp_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
 /// the link is refused (another filesystem, the inode's link limit, a blob
 /// missing from the cache), for the caller to copy instead.
 fn linked_temp(from: &Path, dir: &Path) -> Option<tempfile::NamedTempFile> {
-    let link = |name: &Path| std::fs::hard_link(from, name).and_then(|()| File::open(name));
+    let link = |name: &Path| {
+        std::fs::hard_link(from, name)?;
+        File::open(name).inspect_err(|_| {
+            let _ = std::fs::remove_file(name);
+        })
+    };
     tempfile::Builder::new().prefix(".pkg").make_in(dir, link).ok()
 }
 

@@ -208,9 +208,10 @@ impl Store {
     }
 
     /// The checkout cache's copy of `file` and its path, if it has one in
-    /// either mode and it is a regular file (opened without blocking, so
-    /// nothing planted there can hang the reader). Unverified: see
-    /// [`Store::open_file`].
+    /// either mode and it is a regular file of the file's size (opened
+    /// without blocking or following a symlink, so nothing planted there can
+    /// hang the reader); one of another size loses its name. Its content is
+    /// unverified: see [`Store::open_file`].
     pub(super) fn open_cached_file(&self, file: &FileNode) -> Option<(std::fs::File, PathBuf)> {
         use std::os::unix::fs::OpenOptionsExt;
         let bits = file.permissions().bits();
@@ -218,10 +219,15 @@ impl Store {
             let path = self.cached_file_path(file, m.apply(bits));
             let opened = std::fs::OpenOptions::new()
                 .read(true)
-                .custom_flags(nix::libc::O_NONBLOCK)
+                .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
                 .open(&path)
                 .ok()?;
-            opened.metadata().ok()?.is_file().then_some((opened, path))
+            let meta = opened.metadata().ok()?;
+            if meta.is_file() && meta.len() != file.size() && super::same_inode(&opened, &path) {
+                // Cut short or grown: damaged, so no checkout links it any more.
+                let _ = std::fs::remove_file(&path);
+            }
+            (meta.is_file() && meta.len() == file.size()).then_some((opened, path))
         })
     }
 
@@ -241,30 +247,24 @@ impl Store {
     ) -> Result<()> {
         let mode = modes.apply(file.permissions().bits());
         let cached = self.cached_file_path(file, mode);
-        let source = if cached.exists() {
-            cached
-        } else {
-            // One temp file per content and mode, whoever needs it first
-            // writes it; the others wait for it and link it too.
-            let slot = pending.slot(cached);
+        if cached.exists() {
+            match link_or_copy(&cached, path, mode) {
+                // Gone meanwhile (a reader found it damaged): make it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                linked => return linked.ctx("hard-link a cached file to", path),
+            }
+        }
+        // One temp file per content and mode, whoever needs it first
+        // writes it; the others wait for it and link it too.
+        let slot = pending.slot(cached);
+        let source = {
             let mut tmp = slot.lock().unwrap_or_else(|e| e.into_inner());
             match &mut *tmp {
                 Some(tmp) => tmp.to_path_buf(),
                 empty @ None => empty.insert(self.materialise(file, mode)?).to_path_buf(),
             }
         };
-        match std::fs::hard_link(&source, path) {
-            Ok(()) => Ok(()),
-            // Another filesystem, or an inode at its link limit (EMLINK): copy instead.
-            Err(e)
-                if e.kind() == io::ErrorKind::CrossesDevices
-                    || e.raw_os_error() == Some(EMLINK) =>
-            {
-                std::fs::copy(&source, path).ctx("copy a cached file to", path)?;
-                set_mode(path, mode)
-            }
-            Err(e) => Err(e).ctx("hard-link a cached file to", path),
-        }
+        link_or_copy(&source, path, mode).ctx("hard-link a cached file to", path)
     }
 
     /// A temp file in `tmp/` holding `file`'s content with `mode`, not synced.
@@ -349,6 +349,18 @@ pub struct CheckoutLease {
 impl CheckoutLease {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Hard-links `source` to `path`; on another filesystem, or for an inode at
+/// its link limit (EMLINK), copies it with `mode` instead.
+fn link_or_copy(source: &Path, path: &Path, mode: u32) -> io::Result<()> {
+    match std::fs::hard_link(source, path) {
+        Err(e) if e.kind() == io::ErrorKind::CrossesDevices || e.raw_os_error() == Some(EMLINK) => {
+            std::fs::copy(source, path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        }
+        linked => linked,
     }
 }
 

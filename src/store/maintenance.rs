@@ -267,10 +267,19 @@ impl Store {
             }
         }
         let mut report = GcReport::default();
+        // A cached file may go meanwhile (a reader that found it damaged
+        // removes it): what is gone is not an error.
         let remove = |path: &Path, report: &mut GcReport| -> Result<()> {
-            report.bytes += std::fs::symlink_metadata(path).ctx("read metadata of", path)?.len();
-            if !dry_run {
-                std::fs::remove_file(path).ctx("remove", path)?;
+            let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+            match std::fs::symlink_metadata(path) {
+                Err(e) if gone(&e) => return Ok(()),
+                meta => report.bytes += meta.ctx("read metadata of", path)?.len(),
+            }
+            if !dry_run
+                && let Err(e) = std::fs::remove_file(path)
+                && !gone(&e)
+            {
+                return Err(e).ctx("remove", path);
             }
             Ok(())
         };
@@ -308,7 +317,11 @@ impl Store {
         }
         // A cached file with one link is in no checkout: nothing shares it any more.
         for (_, path) in self.list_cached_files()? {
-            let meta = std::fs::symlink_metadata(&path).ctx("read metadata of", &path)?;
+            let meta = match std::fs::symlink_metadata(&path) {
+                // A reader that found it damaged removed it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                meta => meta.ctx("read metadata of", &path)?,
+            };
             if meta.nlink() == 1 {
                 remove(&path, &mut report)?;
                 report.cached_files += 1;

@@ -456,6 +456,15 @@ pub struct FileReader {
     cached: Option<(File, PathBuf)>,
 }
 
+/// Whether `path` names the inode open as `file`.
+pub(super) fn same_inode(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(open), Ok(named)) = (file.metadata(), std::fs::symlink_metadata(path)) else {
+        return false;
+    };
+    (open.dev(), open.ino()) == (named.dev(), named.ino())
+}
+
 /// Reads the next `chunk.size` bytes of `file` into the empty `buf`, keeping
 /// them only if they hash to the chunk's digest.
 fn read_verified(file: &mut File, chunk: &Chunk, buf: &mut Vec<u8>) -> bool {
@@ -484,8 +493,11 @@ impl Read for FileReader {
                     continue;
                 }
                 // Damaged or short: the rest comes from the blobs, and no
-                // checkout links it from now on (those that did keep it).
-                let _ = std::fs::remove_file(path);
+                // checkout links it from now on (those that did keep it),
+                // unless the name holds another copy by now.
+                if same_inode(cached, path) {
+                    let _ = std::fs::remove_file(path);
+                }
                 self.cached = None;
             }
             self.store

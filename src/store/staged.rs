@@ -232,7 +232,14 @@ impl Staged {
                     continue;
                 }
                 let dest = file.dest;
-                let renamed = file.tmp.persist(&dest).map(drop);
+                // Keep: never over a name made meanwhile (a rename between two
+                // links of one inode would do nothing and leave the temp name).
+                let renamed = match file.existing {
+                    Existing::Replace => file.tmp.persist(&dest).map(drop),
+                    Existing::Keep => file.tmp.persist_noclobber(&dest).map(drop).or_else(|e| {
+                        if e.error.kind() == io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) }
+                    }),
+                };
                 let renamed = renamed.map_err(|e| e.error).ctx("rename a temp file to", &dest);
                 if failures.settle(&dest, renamed)?
                     && let (Syncing::Started(_), Some(parent)) = (file.sync, dest.parent())

@@ -401,8 +401,12 @@ fn assemble_into_layout_matches_write_oci_layout() {
     bytes[0] ^= 1;
     let mut in_place = std::fs::OpenOptions::new().write(true).open(&layer).unwrap();
     std::io::Write::write_all(&mut in_place, &bytes).unwrap();
-    let err = image::write_oci_layout(&store, &ctx.root().join("fresh"), &images).unwrap_err();
+    let fresh = ctx.root().join("fresh");
+    let err = image::write_oci_layout(&store, &fresh, &images).unwrap_err();
     assert!(matches!(err, ImageError::CorruptCachedBlob { .. }), "{err:?}");
+    // No temp name (a hard link to the damaged blob) is left behind.
+    let left: Vec<_> = std::fs::read_dir(fresh.join("blobs/sha256")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 
     let a = package(&store, ctx.root(), "alpha", &[("etc/app.conf", "one", 0o644)]);
     let b = package(&store, ctx.root(), "beta", &[("etc/app.conf", "two", 0o644)]);

@@ -369,6 +369,11 @@ fn open_file_reads_a_checked_out_copy_verified_and_falls_back_to_blobs() {
     remove_blobs(blobs.len());
     let err = read().expect_err("a damaged cached copy and no blobs read as content");
     assert!(err.to_string().contains("is not in the store"), "{err}");
+    // A fifo at the name is passed over, not waited on.
+    restore_blobs();
+    assert!(!cached.exists(), "a damaged cached copy keeps its name");
+    nix::unistd::mkfifo(&cached, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    assert!(read().unwrap() == big, "content read past a fifo differs");
 }
 
 #[test]
