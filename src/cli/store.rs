@@ -83,7 +83,8 @@ pub fn run(command: StoreCommand, settings: &Settings) -> miette::Result<ExitCod
                      unique bytes       {}\n\
                      stored bytes       {}\n\
                      dedup ratio        {:.2}\n\
-                     compression ratio  {:.2}\n",
+                     compression ratio  {:.2}\n\
+                     cached copies      {} files, {}\n",
                     stats.objects,
                     stats.blobs,
                     stats.trees,
@@ -92,6 +93,8 @@ pub fn run(command: StoreCommand, settings: &Settings) -> miette::Result<ExitCod
                     bytes(stats.stored_bytes),
                     stats.dedup_ratio,
                     stats.compression_ratio,
+                    stats.cached_files,
+                    bytes(stats.cached_bytes),
                 )
             };
             write_stdout(text.as_bytes())

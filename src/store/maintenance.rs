@@ -38,6 +38,10 @@ pub struct Stats {
     pub dedup_ratio: f64,
     /// `unique_bytes / stored blob bytes`: how much zstd saves.
     pub compression_ratio: f64,
+    /// Decompressed copies in `checkouts/files` (left by checkouts and
+    /// builds; `gc` removes those no checkout links) and their bytes.
+    pub cached_files: u64,
+    pub cached_bytes: u64,
 }
 
 /// One bad object or ref found by [`Store::verify`].
@@ -120,8 +124,17 @@ impl Store {
                 Ok((logical, stored))
             })
             .try_reduce(|| (0, 0), |a, b| Ok((a.0 + b.0, a.1 + b.1)))?;
+        let cached = self.list_cached_files()?;
+        let cached_bytes = cached
+            .iter()
+            // One gone meanwhile (a reader found it damaged) counts as nothing.
+            .filter_map(|(_, path)| std::fs::symlink_metadata(path).ok())
+            .map(|meta| meta.len())
+            .sum();
         let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
         Ok(Stats {
+            cached_files: cached.len() as u64,
+            cached_bytes,
             objects: (blobs.len() + trees.len()) as u64,
             blobs: blobs.len() as u64,
             trees: trees.len() as u64,

@@ -377,6 +377,26 @@ fn open_file_reads_a_checked_out_copy_verified_and_falls_back_to_blobs() {
 }
 
 #[test]
+fn store_stats_counts_objects_bytes_and_cached_copies() {
+    let ctx = TestContext::new();
+    ctx.write("src/a.txt", &"alpha\n".repeat(100));
+    ctx.write("src/b.txt", &"alpha\n".repeat(100));
+    ctx.write("src/c.txt", "gamma\n");
+    let dir = digest_of(&ctx.run(&["store", "add", "src"]));
+    let out = ctx.run(&["store", "checkout", &dir.to_string(), "out"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = ctx.run(&["store", "stats"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    crate::assert_snapshot!("store_stats", stdout(&out));
+    let out = ctx.run(&["store", "stats", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (json["cached_files"].as_u64(), json["cached_bytes"].as_u64()),
+        (Some(2), Some(606))
+    );
+}
+
+#[test]
 fn refs_record_builds_images_and_roots() {
     let ctx = TestContext::new();
     ctx.write("src/a", "a");
