@@ -215,24 +215,32 @@ impl Store {
     pub(super) fn open_cached_file(&self, file: &FileNode) -> Option<(std::fs::File, PathBuf)> {
         use std::os::unix::fs::OpenOptionsExt;
         let bits = file.permissions().bits();
-        [Modes::ReadOnly, Modes::Exact].into_iter().find_map(|m| {
-            let path = self.cached_file_path(file, m.apply(bits));
+        let (read_only, exact) = (Modes::ReadOnly.apply(bits), Modes::Exact.apply(bits));
+        // One name when the file has no write bits.
+        let modes = if read_only == exact { &[read_only][..] } else { &[read_only, exact][..] };
+        let hex = file.content_digest().to_hex();
+        modes.iter().find_map(|&mode| {
+            let path = self.cached_path(&hex, mode);
             let opened = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
                 .open(&path)
                 .ok()?;
             let meta = opened.metadata().ok()?;
-            if meta.is_file() && meta.len() != file.size() && super::same_inode(&opened, &path) {
-                // Cut short or grown: damaged, so no checkout links it any more.
-                let _ = std::fs::remove_file(&path);
+            if meta.is_file() && meta.len() != file.size() {
+                // Cut short or grown.
+                forget_damaged_copy(&opened, &path);
             }
             (meta.is_file() && meta.len() == file.size()).then_some((opened, path))
         })
     }
 
     fn cached_file_path(&self, file: &FileNode, mode: u32) -> PathBuf {
-        let hex = file.content_digest().to_hex();
+        self.cached_path(&file.content_digest().to_hex(), mode)
+    }
+
+    /// `checkouts/files/XX/HEX-MODE`, for content digest `hex`.
+    fn cached_path(&self, hex: &str, mode: u32) -> PathBuf {
         self.root.join("checkouts/files").join(&hex[..2]).join(format!("{hex}-{mode:04o}"))
     }
 
@@ -349,6 +357,18 @@ pub struct CheckoutLease {
 impl CheckoutLease {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Removes the name of a damaged cached copy, open as `file`, so no checkout
+/// links it any more (those that did keep it); not if the name holds another
+/// copy by now.
+pub(super) fn forget_damaged_copy(file: &std::fs::File, path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(open), Ok(named)) = (file.metadata(), std::fs::symlink_metadata(path))
+        && (open.dev(), open.ino()) == (named.dev(), named.ino())
+    {
+        let _ = std::fs::remove_file(path);
     }
 }
 

@@ -456,15 +456,6 @@ pub struct FileReader {
     cached: Option<(File, PathBuf)>,
 }
 
-/// Whether `path` names the inode open as `file`.
-pub(super) fn same_inode(file: &File, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(open), Ok(named)) = (file.metadata(), std::fs::symlink_metadata(path)) else {
-        return false;
-    };
-    (open.dev(), open.ino()) == (named.dev(), named.ino())
-}
-
 /// Reads the next `chunk.size` bytes of `file` into the empty `buf`, keeping
 /// them only if they hash to the chunk's digest.
 fn read_verified(file: &mut File, chunk: &Chunk, buf: &mut Vec<u8>) -> bool {
@@ -492,12 +483,8 @@ impl Read for FileReader {
                     self.next += 1;
                     continue;
                 }
-                // Damaged or short: the rest comes from the blobs, and no
-                // checkout links it from now on (those that did keep it),
-                // unless the name holds another copy by now.
-                if same_inode(cached, path) {
-                    let _ = std::fs::remove_file(path);
-                }
+                // Damaged: the rest comes from the blobs.
+                checkout::forget_damaged_copy(cached, path);
                 self.cached = None;
             }
             self.store
