@@ -17,8 +17,10 @@
 //! unsynced object, a batch creates a *marker* `ROOT/unsynced/ingest-*`
 //! (fsynced, directory fsynced), holds an exclusive `flock` on it while it
 //! runs, and deletes it only after the final `syncfs`. The marker holds the
-//! kernel's boot id. [`recover`] (run by every [`Store::open`]) handles markers
-//! nobody holds any more:
+//! kernel's boot id. It is locked and written before it gets its name, and
+//! loses its name before its lock goes, so a named marker nobody locks is
+//! never a live batch's. [`recover`] (run by every [`Store::open`]) handles
+//! markers nobody holds any more:
 //!
 //! - same boot id: the writer was killed, its objects are intact in the page
 //!   cache; `syncfs`, then delete the marker;
@@ -37,7 +39,8 @@
 //! is that it also flushes other programs' dirty data on that filesystem.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -93,14 +96,19 @@ impl Batch {
     pub fn begin(store: &Store) -> Result<Batch> {
         let dir = store.root.join(UNSYNCED_DIR);
         std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        // Locked and written under a temp name (in `tmp/`, which gc leaves
+        // alone while the caller's pin is held), then renamed: a name in
+        // `unsynced/` is never seen unlocked or empty while its batch lives.
+        let tmp_dir = store.root.join("tmp");
         let mut tmp = tempfile::Builder::new()
             .prefix("ingest-")
-            .tempfile_in(&dir)
-            .ctx("create a batch marker in", &dir)?;
+            .tempfile_in(&tmp_dir)
+            .ctx("create a batch marker in", &tmp_dir)?;
         fs4::FileExt::lock(tmp.as_file()).ctx("lock", tmp.path())?;
         tmp.write_all(boot_id().unwrap_or_default().as_bytes()).ctx("write", tmp.path())?;
         tmp.as_file().sync_all().ctx("sync", tmp.path())?;
-        let (file, marker) = tmp.keep().map_err(|e| e.error).ctx("keep", &dir)?;
+        let marker = dir.join(tmp.path().file_name().expect("temp files have names"));
+        let file = tmp.persist_noclobber(&marker).map_err(|e| e.error).ctx("create", &marker)?;
         // The marker must be on disk before any object that relies on it is.
         sync_parent(&marker)?;
         let root = File::open(&store.root).ctx("open", &store.root)?;
@@ -199,6 +207,16 @@ fn remove_marker(marker: &Path) -> Result<()> {
     }
 }
 
+/// Whether `path` still names the file `file` has open.
+fn still_named(path: &Path, file: &File) -> Result<bool> {
+    let open = file.metadata().ctx("stat", path)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(named) => Ok(named.dev() == open.dev() && named.ino() == open.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).ctx("stat", path),
+    }
+}
+
 fn boot_id() -> Option<String> {
     std::fs::read_to_string(BOOT_ID).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
@@ -220,7 +238,7 @@ pub(super) fn recover(store: &Store) -> Result<()> {
     let mut stale = Vec::new();
     for entry in entries {
         let path = entry.ctx("list", &dir)?.path();
-        let file = match File::open(&path) {
+        let mut file = match File::open(&path) {
             Ok(file) => file,
             // Finished (or recovered by another process) since the listing.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -228,39 +246,41 @@ pub(super) fn recover(store: &Store) -> Result<()> {
         };
         // A marker naming another boot cannot belong to a live batch: if it is
         // held, another open is recovering it, and nothing may use the store
-        // until that is done. Otherwise (this boot, or still being written),
-        // held means a live batch, and taken means ours to recover.
-        let written = std::fs::read_to_string(&path).unwrap_or_default();
-        let other_boot =
-            !written.trim().is_empty() && now.as_deref().is_some_and(|b| b != written.trim());
+        // until that is done. Otherwise held means a live batch (which locks
+        // its marker before naming it), and taken means ours to recover.
+        let mut written = String::new();
+        file.read_to_string(&mut written).ctx("read", &path)?;
+        let written = written.trim();
+        let other_boot = now.as_deref().is_some_and(|now| now != written);
         if other_boot {
             fs4::FileExt::lock(&file).ctx("lock", &path)?;
-            if path.exists() {
-                stale.push((path, file));
-            }
-        } else if fs4::FileExt::try_lock(&file).is_ok() {
-            stale.push((path, file));
+        } else if fs4::FileExt::try_lock(&file).is_err() {
+            continue;
+        }
+        // A batch removes its marker before it lets the lock go, so a lock
+        // taken on a file that is no longer named is a finished batch's.
+        if still_named(&path, &file)? {
+            let modified = file.metadata().and_then(|m| m.modified()).ctx("stat", &path)?;
+            // Killed in this boot: its objects are whole in the page cache.
+            let killed = now.as_deref() == Some(written);
+            stale.push((path, file, (!killed).then_some(modified)));
         }
     }
     if stale.is_empty() {
         return Ok(());
     }
-    let mut since: Option<SystemTime> = None;
-    for (path, _) in &stale {
-        let written = std::fs::read_to_string(path).ctx("read", path)?;
-        if now.is_none() || now.as_deref() != Some(written.trim()) {
-            let modified = std::fs::metadata(path).and_then(|m| m.modified()).ctx("stat", path)?;
-            let from = modified.checked_sub(CLOCK_MARGIN).unwrap_or(SystemTime::UNIX_EPOCH);
-            since = Some(since.map_or(from, |s| s.min(from)));
-        }
-    }
+    let since = stale
+        .iter()
+        .filter_map(|(_, _, modified)| *modified)
+        .map(|modified| modified.checked_sub(CLOCK_MARGIN).unwrap_or(SystemTime::UNIX_EPOCH))
+        .min();
     if let Some(since) = since {
         // No ingest may dedup against an object we are about to judge.
         let _lock = store.lock_exclusive()?;
         remove_unsound_objects(store, since)?;
     }
     super::sync_filesystem(&store.root)?;
-    for (path, _) in &stale {
+    for (path, _, _) in &stale {
         remove_marker(path)?;
     }
     Ok(())
@@ -329,5 +349,50 @@ fn remove_unsound_objects(store: &Store, since: SystemTime) -> Result<()> {
         if trees.len() == before {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// A pinned ingest beginning batches while other opens recover markers:
+    /// no open may take a marker that is still being created for stale (it
+    /// would then wait for the store lock the ingest's pin holds, while the
+    /// ingest waits for its marker: a deadlock).
+    #[test]
+    fn recovery_beside_beginning_batches_never_deadlocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (done, finished) = mpsc::channel();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ingest = {
+            let (store, done) = (Arc::clone(&store), done.clone());
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    let _pin = store.pin().unwrap();
+                    Batch::begin(&store).unwrap().finish().unwrap();
+                }
+                done.send("ingest").unwrap();
+            })
+        };
+        let recovery = {
+            let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    recover(&store).unwrap();
+                }
+                done.send("recovery").unwrap();
+            })
+        };
+        let first = finished.recv_timeout(Duration::from_secs(120));
+        assert_eq!(first, Ok("ingest"), "batches and recovery deadlocked");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(finished.recv_timeout(Duration::from_secs(60)), Ok("recovery"));
+        ingest.join().unwrap();
+        recovery.join().unwrap();
+        assert_eq!(std::fs::read_dir(store.root.join(UNSYNCED_DIR)).unwrap().count(), 0);
     }
 }
