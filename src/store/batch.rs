@@ -29,8 +29,10 @@
 //!   since the oldest such marker (minus [`CLOCK_MARGIN`]) is read and verified;
 //!   bad ones are deleted, then trees from that window that name a missing
 //!   object are deleted until none is left; `syncfs`; delete the markers.
-//!   Another open meeting such a marker while it is being recovered waits for
-//!   the recovery (a live batch always writes the current boot id).
+//!   Another open meeting a marker of another boot while it is being
+//!   recovered waits for the recovery: a live batch writes the current boot
+//!   id, or nothing when it cannot read one, and an empty marker is only ever
+//!   tried, never waited for.
 //!
 //! Recovery therefore rests on object mtimes not preceding their marker's by
 //! more than [`CLOCK_MARGIN`] (the clock is not stepped back further during an
@@ -48,7 +50,7 @@ use std::time::{Duration, SystemTime};
 
 use rayon::prelude::*;
 
-use super::{IoContext, ObjectKind, Result, Store, StoreError, sync_parent};
+use super::{IoContext, ObjectKind, Pin, Result, Store, StoreError, sync_parent};
 use crate::store::tree::Node;
 
 /// Directory of batch markers, relative to the store root.
@@ -67,6 +69,9 @@ const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// One ingest's set of not yet durable objects; see the module docs.
 pub struct Batch {
+    /// Keeps gc from cleaning `tmp/` while the marker is made there, and
+    /// from sweeping the batch's objects before a ref names them.
+    _pin: Pin,
     marker: PathBuf,
     /// Holds the marker's flock: a marker nobody locks is stale.
     _marker_lock: File,
@@ -94,10 +99,11 @@ struct SyncState {
 impl Batch {
     /// Creates and syncs this batch's marker and starts the background syncer.
     pub fn begin(store: &Store) -> Result<Batch> {
+        let pin = store.pin()?;
         let dir = store.root.join(UNSYNCED_DIR);
         std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
         // Locked and written under a temp name (in `tmp/`, which gc leaves
-        // alone while the caller's pin is held), then renamed: a name in
+        // alone while a pin is held), then renamed: a name in
         // `unsynced/` is never seen unlocked or empty while its batch lives.
         let tmp_dir = store.root.join("tmp");
         let mut tmp = tempfile::Builder::new()
@@ -125,7 +131,7 @@ impl Batch {
                 .spawn(move || shared.run_syncer())
                 .ctx("start a sync thread for", &store.root)?
         };
-        Ok(Batch { marker, _marker_lock: file, shared, syncer: Some(syncer) })
+        Ok(Batch { _pin: pin, marker, _marker_lock: file, shared, syncer: Some(syncer) })
     }
 
     /// Records that `bytes` more were written (and renamed into place) unsynced.
@@ -248,10 +254,12 @@ pub(super) fn recover(store: &Store) -> Result<()> {
         // held, another open is recovering it, and nothing may use the store
         // until that is done. Otherwise held means a live batch (which locks
         // its marker before naming it), and taken means ours to recover.
-        let mut written = String::new();
-        file.read_to_string(&mut written).ctx("read", &path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).ctx("read", &path)?;
+        let written = String::from_utf8_lossy(&bytes);
         let written = written.trim();
-        let other_boot = now.as_deref().is_some_and(|now| now != written);
+        // Empty: its writer could not read the boot id, so it may be live.
+        let other_boot = !written.is_empty() && now.as_deref().is_some_and(|now| now != written);
         if other_boot {
             fs4::FileExt::lock(&file).ctx("lock", &path)?;
         } else if fs4::FileExt::try_lock(&file).is_err() {
@@ -354,6 +362,7 @@ fn remove_unsound_objects(store: &Store, since: SystemTime) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc;
 
     use super::*;
@@ -364,33 +373,40 @@ mod tests {
     /// ingest waits for its marker: a deadlock).
     #[test]
     fn recovery_beside_beginning_batches_never_deadlocks() {
+        const BATCHES: usize = 200;
+        // Generous for a busy disk: a batch is three fsyncs and one syncfs.
+        const STALLED: Duration = Duration::from_secs(60);
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let (done, finished) = mpsc::channel();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (began, progress) = mpsc::channel();
         let ingest = {
-            let (store, done) = (Arc::clone(&store), done.clone());
+            let store = Arc::clone(&store);
             std::thread::spawn(move || {
-                for _ in 0..200 {
+                for _ in 0..BATCHES {
                     let _pin = store.pin().unwrap();
                     Batch::begin(&store).unwrap().finish().unwrap();
+                    began.send(()).unwrap();
                 }
-                done.send("ingest").unwrap();
             })
         };
         let recovery = {
             let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
             std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     recover(&store).unwrap();
                 }
-                done.send("recovery").unwrap();
             })
         };
-        let first = finished.recv_timeout(Duration::from_secs(120));
-        assert_eq!(first, Ok("ingest"), "batches and recovery deadlocked");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(finished.recv_timeout(Duration::from_secs(60)), Ok("recovery"));
+        let stalled =
+            (0..BATCHES).find_map(|batch| progress.recv_timeout(STALLED).err().map(|e| (batch, e)));
+        stop.store(true, Ordering::Relaxed);
+        if let Some((batch, e)) = stalled {
+            if ingest.is_finished() {
+                ingest.join().unwrap(); // shows the ingest's panic
+            }
+            panic!("batch {batch} did not finish in {STALLED:?} ({e}): deadlocked");
+        }
         ingest.join().unwrap();
         recovery.join().unwrap();
         assert_eq!(std::fs::read_dir(store.root.join(UNSYNCED_DIR)).unwrap().count(), 0);
