@@ -628,6 +628,20 @@ fn layout_and_selection_errors_are_clear() {
     let e = try_import(&store, &OciSource::Layout(missing), None, amd64()).unwrap_err();
     assert_snapshot!("missing_blob", error_text(&ctx, &e));
 
+    // A fifo in place of a layer blob is refused, never waited on.
+    let fifo = ctx.root().join("fifo-blob");
+    let layout = simple_layout(&fifo, &[layer(&base_entries(), Comp::Gzip)]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fifo.join("index.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.blob_path(&index["manifests"][0])).unwrap())
+            .unwrap();
+    let blob = layout.blob_path(&manifest["layers"][0]);
+    std::fs::remove_file(&blob).unwrap();
+    nix::unistd::mkfifo(&blob, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let e = try_import(&store, &OciSource::Layout(fifo), None, amd64()).unwrap_err();
+    assert_snapshot!("fifo_blob", error_text(&ctx, &e));
+
     let odd = ctx.root().join("odd-media-type");
     let mut layout = Layout::new(&odd);
     let mut d = layout.blob(b"{}");

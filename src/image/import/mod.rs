@@ -167,6 +167,8 @@ pub enum ImportError {
     BadDigest { digest: String },
     #[error("blob {digest} is missing from {location}")]
     MissingBlob { digest: String, location: String },
+    #[error("{} is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
     #[error("blob {digest} in {location} is corrupt: {reason}")]
     CorruptBlob { digest: String, location: String, reason: String },
     #[error("blob {digest} has media type `{media_type}`, which is not {expected}")]

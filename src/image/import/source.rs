@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::Digest as _;
@@ -177,14 +178,20 @@ impl Source {
         match &self.kind {
             Kind::Layout(dir) => {
                 let path = dir.join(rel);
-                let file = match File::open(&path) {
+                // Non-blocking, so a fifo planted in the layout is refused
+                // below instead of blocking the import (and its pin) forever.
+                let file = match File::options()
+                    .read(true)
+                    .custom_flags(nix::libc::O_NONBLOCK)
+                    .open(&path)
+                {
                     Ok(f) => f,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => return Err(io_err("open", &path)(e)),
                 };
                 let meta = file.metadata().map_err(io_err("read metadata of", &path))?;
                 if !meta.is_file() {
-                    return Ok(None);
+                    return Err(ImportError::NotAFile { path });
                 }
                 Ok(Some((Box::new(io::BufReader::with_capacity(256 * 1024, file)), meta.len())))
             }
