@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -116,6 +118,10 @@ impl ToolResolver for HostTools {
 /// pkg's working directory nor its environment; one that has not answered after
 /// ten seconds is killed. No other argument is tried: `sh version`, for one,
 /// would run a file named `version`.
+///
+/// Its output is drained while it runs, so a chatty tool never blocks on a
+/// full pipe, and read without waiting once it exits, so a process it left
+/// behind holding the pipe cannot hang pkg.
 fn version_line(name: &str, path: &Path) -> String {
     let arg = if name == "go" || path.file_name().is_some_and(|f| f == "go") {
         "version"
@@ -131,30 +137,81 @@ fn version_line(name: &str, path: &Path) -> String {
         .stderr(Stdio::piped())
         .spawn();
     let Ok(mut child) = child else { return String::new() };
-    // Poll rather than block so a tool that never exits cannot hang pkg.
-    for _ in 0..1000 {
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return String::new();
+    };
+    let (mut stdout, mut stderr) = (Capture::new(stdout), Capture::new(stderr));
+    let mut exited = None;
+    for _ in 0..VERSION_TICKS {
+        stdout.drain();
+        stderr.drain();
         match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
-            Err(_) => return String::new(),
+            Ok(None) => std::thread::sleep(VERSION_TICK),
+            Ok(status) => exited = status,
+            Err(_) => {}
+        }
+        if exited.is_some() {
+            break;
         }
     }
-    if matches!(child.try_wait(), Ok(None)) {
+    let Some(status) = exited else {
         let _ = child.kill();
         let _ = child.wait();
         return String::new();
-    }
-    let Ok(out) = child.wait_with_output() else { return String::new() };
-    if !out.status.success() {
+    };
+    if !status.success() {
         return String::new();
     }
-    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    // What the tool wrote before it exited is still in the pipes.
+    stdout.drain();
+    stderr.drain();
+    let text = if stdout.kept.is_empty() { stderr.kept } else { stdout.kept };
     String::from_utf8_lossy(&text)
         .lines()
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or_default()
         .to_string()
+}
+
+/// How often, and how many times, a version probe is looked at: ten seconds.
+const VERSION_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+const VERSION_TICKS: u32 = 1000;
+
+/// How much of a version probe's output is kept: the first line is in it.
+const VERSION_KEPT: usize = 64 << 10;
+
+/// One output pipe of a version probe, read without blocking.
+struct Capture<R> {
+    pipe: Option<R>,
+    kept: Vec<u8>,
+}
+
+impl<R: Read + AsFd> Capture<R> {
+    fn new(pipe: R) -> Capture<R> {
+        let pipe = rustix::io::ioctl_fionbio(&pipe, true).is_ok().then_some(pipe);
+        Capture { pipe, kept: Vec::new() }
+    }
+
+    /// Reads what the pipe holds now, keeping the first [`VERSION_KEPT`]
+    /// bytes; at its end, or on an error, the pipe is dropped.
+    fn drain(&mut self) {
+        let Some(pipe) = &mut self.pipe else { return };
+        let mut buf = [0; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let room = VERSION_KEPT - self.kept.len().min(VERSION_KEPT);
+                    self.kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => break,
+            }
+        }
+        self.pipe = None;
+    }
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -200,6 +257,48 @@ mod tests {
         let tools = HostTools::new(Some("/usr/bin:/bin".into()));
         assert!(matches!(tools.resolve("bin/gen"), Err(ToolError::RelativePath { .. })));
         assert!(tools.resolve("/bin/sh").is_ok());
+    }
+
+    /// Writes an executable script at `dir/name`.
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_tool_printing_more_than_a_pipe_holds_still_gives_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool =
+            script(dir.path(), "chatty", "echo chatty 1.2\n/usr/bin/head -c 1000000 /dev/zero\n");
+        assert_eq!(version_line("chatty", &tool), "chatty 1.2");
+    }
+
+    #[test]
+    fn a_process_left_holding_the_output_does_not_hang_the_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("pid");
+        let body = format!("/bin/sleep 120 &\necho $! >{}\necho forks 3.4\n", pid.display());
+        let tool = script(dir.path(), "forks", &body);
+        let (sent, line) = std::sync::mpsc::channel();
+        std::thread::spawn(move || sent.send(version_line("forks", &tool)));
+        // Far more than a probe takes, far less than the sleep it left behind.
+        let line = line.recv_timeout(std::time::Duration::from_secs(60));
+        let pid: i32 = std::fs::read_to_string(&pid).unwrap().trim().parse().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        assert_eq!(line.as_deref(), Ok("forks 3.4"));
+    }
+
+    #[test]
+    fn a_tool_failing_gives_no_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = script(dir.path(), "fails", "echo fails 1.0\nexit 3\n");
+        assert_eq!(version_line("fails", &tool), "");
     }
 
     #[test]
