@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use sha2::Digest as _;
@@ -29,6 +30,14 @@ use crate::store::{Node, PathComponent, RefName, Store, StoreError, Tree};
 
 /// Most bytes a source download may have (archives are pinned, not streamed media).
 pub const MAX_DOWNLOAD: u64 = 4 << 30;
+
+/// How long a download may take to connect (TLS included).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a download may go without a byte coming or going: a server that
+/// stops answering fails the build instead of hanging it. The whole download
+/// has no limit, so a slow link still finishes a large archive.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a source cannot be read, fetched or unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +70,8 @@ pub enum SourceError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot download {url}: nothing came from the server for {} s", after.as_secs())]
+    Stalled { url: String, after: Duration },
     #[error("cannot download {url}: it is larger than {MAX_DOWNLOAD} bytes")]
     TooLarge { url: String },
     #[error("download of {url} has sha256 {actual}, but the recipe pins {expected}")]
@@ -192,7 +203,7 @@ pub fn fetch(
         .tempdir_in(&tmp_dir)
         .map_err(|e| SourceError::DownloadRead { url: url.to_string(), source: e })?;
     let file_path = dir.path().join("archive");
-    let actual = download(url, &file_path, observer)?;
+    let actual = download(url, &file_path, observer, STALL_TIMEOUT)?;
     if !actual.eq_ignore_ascii_case(sha256) {
         return Err(SourceError::Sha256Mismatch {
             url: url.to_string(),
@@ -209,12 +220,26 @@ pub fn fetch(
     Ok(digest)
 }
 
-/// Streams `url` into `dest`, returning the sha256 (hex) of what was written.
-fn download(url: &str, dest: &Path, observer: &dyn Observer) -> Result<String, SourceError> {
+/// Streams `url` into `dest`, returning the sha256 (hex) of what was written;
+/// fails when no byte comes or goes for `stall`.
+fn download(
+    url: &str,
+    dest: &Path,
+    observer: &dyn Observer,
+    stall: Duration,
+) -> Result<String, SourceError> {
     let read_error = |source| SourceError::DownloadRead { url: url.to_string(), source };
-    let mut response = ureq::get(url)
-        .call()
-        .map_err(|e| SourceError::Download { url: url.to_string(), source: Box::new(e) })?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_per_read(Some(stall))
+        .timeout_per_write(Some(stall))
+        .build()
+        .into();
+    let stalled = || SourceError::Stalled { url: url.to_string(), after: stall };
+    let mut response = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::Timeout(ureq::Timeout::PerRead) => stalled(),
+        e => SourceError::Download { url: url.to_string(), source: Box::new(e) },
+    })?;
     let total = response.body().content_length();
     observer.download_started(url, total);
     let mut reader = response.body_mut().with_config().limit(MAX_DOWNLOAD + 1).reader();
@@ -227,6 +252,7 @@ fn download(url: &str, dest: &Path, observer: &dyn Observer) -> Result<String, S
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_stall(&e) => return Err(stalled()),
             Err(e) => return Err(read_error(e)),
         };
         done += n as u64;
@@ -240,6 +266,13 @@ fn download(url: &str, dest: &Path, observer: &dyn Observer) -> Result<String, S
     out.sync_all().map_err(read_error)?;
     observer.download_finished(url);
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Whether a body read failed because nothing came for the stall timeout.
+fn is_stall(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+        .is_some_and(|e| matches!(e, ureq::Error::Timeout(ureq::Timeout::PerRead)))
 }
 
 /// Writes a private, writable copy of the prepared source into `dest` (an
@@ -314,7 +347,49 @@ pub fn write_tree(store: &Store, tree: &Digest, dest: &Path) -> Result<(), Sourc
 
 #[cfg(test)]
 mod tests {
+    use std::io::BufRead;
+    use std::net::TcpListener;
+
     use super::*;
+
+    /// Downloads from a server on 127.0.0.1 that sends `reply`, then nothing,
+    /// with a one-second stall timeout.
+    fn download_stalling_after(reply: &'static [u8]) -> (String, Result<String, SourceError>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/stalls.tar", listener.local_addr().unwrap());
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = io::BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while request.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            conn.write_all(reply).unwrap();
+            // Holds the connection open, sending nothing, until the client gave up.
+            let _ = released.recv_timeout(Duration::from_secs(60));
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("archive");
+        let result = download(&url, &archive, &super::super::Quiet, Duration::from_secs(1));
+        release.send(()).unwrap();
+        server.join().unwrap();
+        (url, result)
+    }
+
+    #[test]
+    fn a_download_that_stalls_fails() {
+        let replies: [&[u8]; 2] = [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npart"];
+        for reply in replies {
+            let (url, result) = download_stalling_after(reply);
+            let e = result.unwrap_err();
+            assert!(matches!(e, SourceError::Stalled { .. }), "{e:?}");
+            assert_eq!(
+                e.to_string(),
+                format!("cannot download {url}: nothing came from the server for 1 s")
+            );
+        }
+    }
 
     #[test]
     fn default_and_recipe_excludes() {
