@@ -661,7 +661,12 @@ fn gc_running_beside_an_ingest_never_deletes_what_it_references() {
             .spawn()
             .unwrap();
         let mut gcs = 0;
+        let started = Instant::now();
         while ingest.try_wait().unwrap().is_none() || gcs == 0 {
+            if started.elapsed() > Duration::from_secs(300) {
+                ingest.kill().unwrap();
+                panic!("round {round}: the ingest did not end beside {gcs} gcs in 300 s");
+            }
             let gc = ctx.run(&["store", "gc"]);
             assert!(gc.status.success(), "{}", stderr(&gc));
             gcs += 1;
