@@ -137,6 +137,7 @@ fn version_line(name: &str, path: &Path) -> String {
         .stderr(Stdio::piped())
         .spawn();
     let Ok(mut child) = child else { return String::new() };
+    // Both are there: they were asked for as pipes.
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return String::new();
     };
@@ -146,12 +147,13 @@ fn version_line(name: &str, path: &Path) -> String {
         stdout.drain();
         stderr.drain();
         match child.try_wait() {
+            Ok(Some(status)) => {
+                exited = Some(status);
+                break;
+            }
             Ok(None) => std::thread::sleep(VERSION_TICK),
-            Ok(status) => exited = status,
-            Err(_) => {}
-        }
-        if exited.is_some() {
-            break;
+            // Not ours to wait for any more: nothing to kill either.
+            Err(_) => return String::new(),
         }
     }
     let Some(status) = exited else {
@@ -174,12 +176,17 @@ fn version_line(name: &str, path: &Path) -> String {
         .to_string()
 }
 
-/// How often, and how many times, a version probe is looked at: ten seconds.
+/// How often a version probe is looked at ...
 const VERSION_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+/// ... and how many times: ten seconds, plus the time its output takes to read.
 const VERSION_TICKS: u32 = 1000;
 
 /// How much of a version probe's output is kept: the first line is in it.
 const VERSION_KEPT: usize = 64 << 10;
+
+/// Most bytes one look reads from a pipe, so that a tool (or a process it
+/// left behind) writing without end cannot keep the probe reading.
+const VERSION_READ_PER_TICK: usize = 1 << 20;
 
 /// One output pipe of a version probe, read without blocking.
 struct Capture<R> {
@@ -193,15 +200,18 @@ impl<R: Read + AsFd> Capture<R> {
         Capture { pipe, kept: Vec::new() }
     }
 
-    /// Reads what the pipe holds now, keeping the first [`VERSION_KEPT`]
-    /// bytes; at its end, or on an error, the pipe is dropped.
+    /// Reads what the pipe holds now, up to [`VERSION_READ_PER_TICK`] bytes,
+    /// keeping the first [`VERSION_KEPT`]; at its end, or on an error, the
+    /// pipe is dropped.
     fn drain(&mut self) {
         let Some(pipe) = &mut self.pipe else { return };
         let mut buf = [0; 8192];
-        loop {
+        let mut read = 0;
+        while read < VERSION_READ_PER_TICK {
             match pipe.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
+                    read += n;
                     let room = VERSION_KEPT - self.kept.len().min(VERSION_KEPT);
                     self.kept.extend_from_slice(&buf[..n.min(room)]);
                 }
@@ -210,7 +220,9 @@ impl<R: Read + AsFd> Capture<R> {
                 Err(_) => break,
             }
         }
-        self.pipe = None;
+        if read < VERSION_READ_PER_TICK {
+            self.pipe = None;
+        }
     }
 }
 
@@ -292,6 +304,17 @@ mod tests {
             nix::sys::signal::Signal::SIGKILL,
         );
         assert_eq!(line.as_deref(), Ok("forks 3.4"));
+    }
+
+    #[test]
+    fn a_tool_writing_without_end_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = script(dir.path(), "endless", "echo endless 5.6\nexec /usr/bin/yes\n");
+        let (sent, line) = std::sync::mpsc::channel();
+        std::thread::spawn(move || sent.send(version_line("endless", &tool)));
+        // The probe gives up after its ten seconds of looks; a hang would not.
+        let line = line.recv_timeout(std::time::Duration::from_secs(120));
+        assert_eq!(line.as_deref(), Ok(""));
     }
 
     #[test]

@@ -31,7 +31,8 @@ use crate::store::{Node, PathComponent, RefName, Store, StoreError, Tree};
 /// Most bytes a source download may have (archives are pinned, not streamed media).
 pub const MAX_DOWNLOAD: u64 = 4 << 30;
 
-/// How long a download may take to connect (TLS included).
+/// How long a download may take to resolve the host, and then to connect
+/// (TLS included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a download may go without a byte coming or going: a server that
@@ -70,7 +71,9 @@ pub enum SourceError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot download {url}: nothing came from the server for {} s", after.as_secs())]
+    #[error("cannot download {url}: no connection to the server within {} s", after.as_secs())]
+    Unreachable { url: String, after: Duration },
+    #[error("cannot download {url}: the connection stalled for {} s", after.as_secs())]
     Stalled { url: String, after: Duration },
     #[error("cannot download {url}: it is larger than {MAX_DOWNLOAD} bytes")]
     TooLarge { url: String },
@@ -230,6 +233,7 @@ fn download(
 ) -> Result<String, SourceError> {
     let read_error = |source| SourceError::DownloadRead { url: url.to_string(), source };
     let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_resolve(Some(CONNECT_TIMEOUT))
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_per_read(Some(stall))
         .timeout_per_write(Some(stall))
@@ -237,7 +241,10 @@ fn download(
         .into();
     let stalled = || SourceError::Stalled { url: url.to_string(), after: stall };
     let mut response = agent.get(url).call().map_err(|e| match e {
-        ureq::Error::Timeout(ureq::Timeout::PerRead) => stalled(),
+        ureq::Error::Timeout(ureq::Timeout::Resolve | ureq::Timeout::Connect) => {
+            SourceError::Unreachable { url: url.to_string(), after: CONNECT_TIMEOUT }
+        }
+        ureq::Error::Timeout(ureq::Timeout::PerRead | ureq::Timeout::PerWrite) => stalled(),
         e => SourceError::Download { url: url.to_string(), source: Box::new(e) },
     })?;
     let total = response.body().content_length();
@@ -268,11 +275,12 @@ fn download(
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Whether a body read failed because nothing came for the stall timeout.
+/// Whether a body read failed because nothing came or went for the stall
+/// timeout.
 fn is_stall(e: &io::Error) -> bool {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
-        .is_some_and(|e| matches!(e, ureq::Error::Timeout(ureq::Timeout::PerRead)))
+    e.get_ref().and_then(|inner| inner.downcast_ref::<ureq::Error>()).is_some_and(|e| {
+        matches!(e, ureq::Error::Timeout(ureq::Timeout::PerRead | ureq::Timeout::PerWrite))
+    })
 }
 
 /// Writes a private, writable copy of the prepared source into `dest` (an
@@ -386,7 +394,7 @@ mod tests {
             assert!(matches!(e, SourceError::Stalled { .. }), "{e:?}");
             assert_eq!(
                 e.to_string(),
-                format!("cannot download {url}: nothing came from the server for 1 s")
+                format!("cannot download {url}: the connection stalled for 1 s")
             );
         }
     }

@@ -167,7 +167,7 @@ pub enum ImportError {
     BadDigest { digest: String },
     #[error("blob {digest} is missing from {location}")]
     MissingBlob { digest: String, location: String },
-    #[error("{} is not a regular file", path.display())]
+    #[error("cannot read {}: it is not a regular file", path.display())]
     NotAFile { path: PathBuf },
     #[error("blob {digest} in {location} is corrupt: {reason}")]
     CorruptBlob { digest: String, location: String, reason: String },
