@@ -370,10 +370,11 @@ mod tests {
             let (mut conn, _) = listener.accept().unwrap();
             let mut request = io::BufReader::new(conn.try_clone().unwrap());
             let mut line = String::new();
-            while request.read_line(&mut line).unwrap() > 2 {
+            while request.read_line(&mut line).unwrap_or(0) > 2 {
                 line.clear();
             }
-            conn.write_all(reply).unwrap();
+            // On a loaded machine the client may have given up already.
+            let _ = conn.write_all(reply);
             // Holds the connection open, sending nothing, until the client gave up.
             let _ = released.recv_timeout(Duration::from_secs(60));
         });
