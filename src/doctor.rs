@@ -166,6 +166,7 @@ pub fn check(host: &HostFacts<'_>) -> Vec<Check> {
         });
     }
     checks.push(store_writable(&host.store));
+    checks.extend(store_on_network_filesystem(&host.store));
     checks
 }
 
@@ -226,6 +227,38 @@ fn store_writable(store: &Path) -> Check {
     }
 }
 
+/// A warning when the store is on a network filesystem: there a `flock` is
+/// emulated by a lock of the whole process (NFS, SMB) or of this machine only
+/// (9p), so the store's pins no longer keep `pkg store gc` from sweeping
+/// objects that a build on another machine, or another pin of the same
+/// process, is still using.
+fn store_on_network_filesystem(store: &Path) -> Option<Check> {
+    let kind =
+        rustix::fs::statfs(store).ok().and_then(|fs| network_filesystem(fs.f_type as u32))?;
+    Some(Check {
+        name: "store",
+        status: Status::Warn,
+        detail: format!(
+            "{} is on a network filesystem ({kind}), whose locks do not keep gc from racing builds",
+            store.display()
+        ),
+        fix: Some("pass --store DIR (or set PKG_STORE) to a directory on a local disk".into()),
+    })
+}
+
+/// The name of the network filesystem with the `statfs` magic `f_type` (a
+/// 32-bit number, whatever the width of the field that holds it).
+fn network_filesystem(f_type: u32) -> Option<&'static str> {
+    match f_type {
+        0x6969 => Some("nfs"),
+        0x517b => Some("smb"),
+        0xff53_4d42 => Some("cifs"),
+        0xfe53_4d42 => Some("smb2"),
+        0x0102_1997 => Some("9p"),
+        _ => None,
+    }
+}
+
 fn tempfile_in(dir: &Path) -> std::io::Result<()> {
     let path = dir.join(".doctor-probe");
     std::fs::write(&path, b"")?;
@@ -265,6 +298,18 @@ mod tests {
     fn missing_tools_say_what_to_install() {
         let tools = HostTools::new(Some("/nonexistent".into()));
         assert_eq!(id_helpers(&tools).fix.as_deref(), Some("apt-get install uidmap"));
+    }
+
+    #[test]
+    fn network_filesystems_are_named() {
+        assert_eq!(network_filesystem(0x6969), Some("nfs"));
+        assert_eq!(network_filesystem(0xff53_4d42), Some("cifs"));
+        // ext4, tmpfs, btrfs, xfs, overlayfs.
+        for local in [0xef53, 0x0102_1994, 0x9123_683e, 0x5846_5342, 0x794c_7630] {
+            assert_eq!(network_filesystem(local), None, "{local:#x}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        assert!(store_on_network_filesystem(dir.path()).is_none());
     }
 
     #[test]
